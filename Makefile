@@ -1,0 +1,30 @@
+# oodlab: `make demo` runs the smoke study, `make test` runs the tests; both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Offline datasets: ../shared/data beside the checkout unless OODLAB_DATA_DIR says otherwise.
+export OODLAB_DATA_DIR ?= $(abspath ../shared/data)
+export RAY_AUTH_MODE ?= disabled
+STORAGE ?= oodlab-results
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup  ## smoke study of studies/negprior_shift.py (re-running it resumes, i.e. just prints the table)
+	$(PY) studies/negprior_shift.py --smoke --storage $(STORAGE) \
+	  $$( [ -d $(STORAGE)/ray/negprior_shift-smoke ] && echo --resume )
+	@echo "compare runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(STORAGE)/mlflow.db"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(STORAGE) .pytest_cache

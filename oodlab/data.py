@@ -1,0 +1,354 @@
+"""Datasets as whole uint8 tensors: one spec string names a set plus modifiers.
+
+Spec grammar: ``name``, ``name[mod=val,...]`` or ``npz:/path/file.npz[mods]``.
+Modifiers (applied in this order): ``labels=0-4`` / ``labels=1,7``, ``n=1000``,
+``channels=1|3``, ``size=32``. Everything is held as one N×C×H×W uint8 tensor so
+training code batches by slicing on the device, with no DataLoader.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import io
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(ValueError):
+    """Any user-facing data problem (bad spec, missing files, malformed arrays)."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    x: torch.Tensor  # uint8, N×C×H×W, contiguous
+    y: torch.Tensor | None  # int64 (N,), or None
+    name: str  # the spec it came from
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: str | torch.device) -> "ImageSet":
+        return replace(self, x=self.x.to(device), y=None if self.y is None else self.y.to(device))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x.shape[1:]
+        return (c, h, w)
+
+
+_IDX = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "notmnist": "notMNIST"}
+_TV = {"emnist_letters": "EMNIST/raw", "kmnist": "KMNIST/raw", "cifar10": "cifar-10-batches-py", "svhn": "svhn"}
+_SYNTH = ("gaussian_noise", "uniform_noise", "constant")
+_NAMES = sorted([*_IDX, *_TV, *_SYNTH, "omniglot"])
+_MODS = ("labels", "n", "channels", "size")
+_SYNTH_N = 10_000
+_FIX = "Set OODLAB_DATA_DIR to a folder with the torchvision layout (e.g. ../shared/data), or run on a machine with internet."
+
+
+def data_root() -> Path:
+    """$OODLAB_DATA_DIR if set, else ~/.cache/oodlab (read at call time, not import)."""
+    return Path(os.environ.get("OODLAB_DATA_DIR") or "~/.cache/oodlab").expanduser()
+
+
+def names() -> list[str]:
+    """Registered base dataset names (``npz:PATH`` is accepted in addition)."""
+    return list(_NAMES)
+
+
+def _download_allowed() -> bool:
+    return os.environ.get("OODLAB_DOWNLOAD", "1") != "0"
+
+
+# ---------------------------------------------------------------- spec parsing
+
+def _parse_labels(v: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in v.split(","):
+        a, sep, b = part.strip().partition("-")
+        if not a.strip().isdecimal() or (sep and not b.strip().isdecimal()):
+            raise DataError(f"bad labels value {v!r}: use e.g. labels=0-4 or labels=1,7")
+        lo, hi = int(a), int(b) if sep else int(a)
+        if hi < lo:
+            raise DataError(f"bad labels range {part!r}: end is below start")
+        out.extend(range(lo, hi + 1))
+    return tuple(sorted(set(out)))
+
+
+def _parse_int(k: str, v: str, allowed: tuple[int, ...] | None = None) -> int:
+    if not v.strip().isdecimal() or int(v) < 1:
+        raise DataError(f"bad value {k}={v!r}: must be a positive integer")
+    if allowed and int(v) not in allowed:
+        raise DataError(f"bad value {k}={v!r}: must be one of {allowed}")
+    return int(v)
+
+
+def _parse(spec: str) -> tuple[str, Path | None, dict]:
+    """Split a spec into (name, npz path or None, checked modifiers); touches no files."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty dataset spec {spec!r}")
+    spec, body = spec.strip(), ""
+    if "[" in spec or "]" in spec:
+        i = spec.rfind("[")
+        if i < 0 or not spec.endswith("]"):
+            raise DataError(f"bad spec {spec!r}: modifiers must be a trailing [mod=val,...]")
+        spec, body = spec[:i], spec[i + 1 : -1]
+    raw: dict[str, str] = {}
+    last = None
+    for tok in (t.strip() for t in body.split(",")) if body.strip() else ():
+        if "=" not in tok:  # e.g. the "7" of labels=1,7
+            if last is None or not tok:
+                raise DataError(f"bad modifier {tok!r} in {spec!r}: expected mod=val")
+            raw[last] += "," + tok
+            continue
+        k, v = (s.strip() for s in tok.split("=", 1))
+        if k not in _MODS:
+            raise DataError(f"unknown modifier {k!r}; known: {', '.join(_MODS)}")
+        if k in raw:
+            raise DataError(f"modifier {k!r} given twice")
+        raw[k], last = v, k
+    mods: dict = {}
+    if "labels" in raw:
+        mods["labels"] = _parse_labels(raw["labels"])
+    if "n" in raw:
+        mods["n"] = _parse_int("n", raw["n"])
+    if "channels" in raw:
+        mods["channels"] = _parse_int("channels", raw["channels"], (1, 3))
+    if "size" in raw:
+        mods["size"] = _parse_int("size", raw["size"])
+    if spec.startswith("npz:"):
+        if not spec[4:]:
+            raise DataError("npz spec needs a path: npz:/path/to/file.npz")
+        return "npz", Path(spec[4:]).expanduser(), mods
+    if spec not in _NAMES:
+        close = difflib.get_close_matches(spec, _NAMES, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise DataError(f"unknown dataset {spec!r}.{hint} Known: {', '.join(_NAMES)}, npz:PATH")
+    if spec in _SYNTH and "labels" in mods:
+        raise DataError(f"{spec} has no labels, so labels= cannot be used")
+    return spec, None, mods
+
+
+def validate(spec: str) -> None:
+    """Check a spec before any compute; reads no data (npz: only checks the file exists)."""
+    name, path, _ = _parse(spec)
+    if path is not None and not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+
+
+# ---------------------------------------------------------------- loaders
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an uncompressed IDX (MNIST-format) file of uint8 data."""
+    buf = path.read_bytes()
+    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] != 0x08:
+        raise DataError(f"{path} is not an uncompressed uint8 IDX file")
+    ndim = buf[3]
+    dims = np.frombuffer(buf, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim).reshape(*dims)
+
+
+def _missing(name: str, split: str, path: Path, why: str) -> DataError:
+    return DataError(f"{name} ({split} split) not found: looked for {path}. {why} {_FIX}")
+
+
+def _tv_dataset(name: str, root: Path, train: bool, download: bool):
+    import torchvision.datasets as tvd  # lazy: only needed for these sets
+
+    r = str(root)
+    if name == "fashion_mnist":
+        return tvd.FashionMNIST(r, train=train, download=download)
+    if name == "mnist":
+        return tvd.MNIST(r, train=train, download=download)
+    if name == "emnist_letters":
+        return tvd.EMNIST(r, split="letters", train=train, download=download)
+    if name == "kmnist":
+        return tvd.KMNIST(r, train=train, download=download)
+    if name == "cifar10":
+        return tvd.CIFAR10(r, train=train, download=download)
+    return tvd.SVHN(str(root / "svhn"), split="train" if train else "test", download=download)
+
+
+def _download(name: str, split: str, root: Path, where: Path):
+    """Fetch via torchvision when allowed; otherwise say where we looked and how to fix it."""
+    if not _download_allowed():
+        raise _missing(name, split, where, "Download is off (OODLAB_DOWNLOAD=0).")
+    try:
+        return _tv_dataset(name, root, split == "train", True)
+    except Exception as e:
+        raise _missing(name, split, where, f"Download failed ({type(e).__name__}: {e}).") from e
+
+
+def _load_idx(name: str, split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = root / _IDX[name] / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    img, lab = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if not (img.is_file() and lab.is_file()):
+        if name == "notmnist":
+            raise _missing(name, split, img, "notMNIST cannot be downloaded.")
+        _download(name, split, root, img)
+    x, y = _read_idx(img), _read_idx(lab)
+    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+
+def _load_tv(name: str, split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    train = split == "train"
+    try:
+        ds = _tv_dataset(name, root, train, False)
+    except Exception:
+        ds = _download(name, split, root, root / _TV[name])
+    x = torch.as_tensor(np.asarray(ds.data))
+    y = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets), dtype=torch.int64)
+    if name == "emnist_letters":
+        x = x.transpose(1, 2)  # torchvision's EMNIST images are stored transposed
+    x = x.unsqueeze(1) if x.ndim == 3 else x
+    if x.shape[-1] == 3:  # CIFAR is N×H×W×C
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous(), y
+
+
+@functools.lru_cache(maxsize=4)
+def _decode_omniglot(zpath: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a zip of 105×105 PNGs to inverted 28×28 uint8; cached since it takes ~1 s."""
+    from PIL import Image
+
+    imgs, labels, alphabets = [], [], {}
+    with zipfile.ZipFile(zpath) as z:
+        for member in sorted(n for n in z.namelist() if n.endswith(".png")):
+            alphabet = member.split("/")[-3]
+            im = Image.open(io.BytesIO(z.read(member))).convert("L")
+            im = Image.eval(im, lambda p: 255 - p).resize((28, 28), Image.Resampling.LANCZOS)
+            imgs.append(np.asarray(im, dtype=np.uint8))
+            labels.append(alphabets.setdefault(alphabet, len(alphabets)))
+    return np.stack(imgs)[:, None], np.asarray(labels, dtype=np.int64)
+
+
+def _load_omniglot(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    zpath = root / "omniglot" / f"images_background_small{1 if split == 'train' else 2}.zip"
+    if not zpath.is_file():
+        raise _missing("omniglot", split, zpath, "Omniglot small sets are not downloaded automatically.")
+    x, y = _decode_omniglot(str(zpath))
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+
+def _synthetic(name: str, split: str, n: int, c: int, size: int) -> torch.Tensor:
+    """Deterministic noise images; the seed depends on name and split only."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{split}".encode()))
+    shape = (n, c, size, size)
+    if name == "gaussian_noise":
+        return (torch.randn(shape, generator=g) * 0.25 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    if name == "uniform_noise":
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return torch.randint(0, 256, (n, 1, 1, 1), generator=g, dtype=torch.uint8).expand(shape).contiguous()
+
+
+def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise DataError(f"could not read {path} as .npz: {e}") from e
+    if "x" not in arrays:
+        raise DataError(f"{path} has no array 'x' (found: {sorted(arrays)})")
+    x = arrays["x"]
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: x must be uint8, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1] in (1, 3):
+        pass
+    elif x.ndim == 4 and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{path}: x must be N×H×W, N×H×W×C or N×C×H×W with C in (1, 3), got shape {x.shape}")
+    y = None
+    if "y" in arrays:
+        yy = arrays["y"]
+        if yy.ndim != 1 or len(yy) != len(x):
+            raise DataError(f"{path}: y must have shape ({len(x)},), got {yy.shape}")
+        if not np.issubdtype(yy.dtype, np.integer):
+            raise DataError(f"{path}: y must be integer, got {yy.dtype}")
+        y = torch.from_numpy(yy.astype(np.int64))
+    return torch.from_numpy(np.ascontiguousarray(x)), y
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def load(spec: str, split: str = "test", root: str | Path | None = None, *,
+         pad_to: int | None = None, device: str | torch.device = "cpu") -> ImageSet:
+    """Load a whole dataset split as one uint8 N×C×H×W tensor on `device`."""
+    name, path, mods = _parse(spec)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root).expanduser() if root is not None else data_root()
+    y: torch.Tensor | None
+    if name in _SYNTH:  # n, channels, size set the generated shape
+        x, y = _synthetic(name, split, mods.get("n", _SYNTH_N), mods.get("channels", 1), mods.get("size", 28)), None
+    elif name == "npz":
+        x, y = _load_npz(path)
+    elif name in _IDX:
+        x, y = _load_idx(name, split, root)
+    elif name == "omniglot":
+        x, y = _load_omniglot(split, root)
+    else:
+        x, y = _load_tv(name, split, root)
+    if "labels" in mods:
+        if y is None:
+            raise DataError(f"{spec}: labels= needs labels, but this set has none")
+        keep = torch.isin(y, torch.tensor(mods["labels"]))
+        if not keep.any():
+            raise DataError(f"{spec}: no images with labels {list(mods['labels'])} (present: {y.unique().tolist()})")
+        x, y = x[keep], y[keep]
+    if "n" in mods and name not in _SYNTH:
+        if mods["n"] > len(x):
+            raise DataError(f"{spec}: n={mods['n']} but the {split} split has only {len(x)} images")
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: mods["n"]]
+        x, y = x[idx], None if y is None else y[idx]
+    if mods.get("channels") == 3 and x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    elif mods.get("channels") == 1 and x.shape[1] == 3:
+        x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
+    if "size" in mods:
+        x = _resize(x, mods["size"])
+    if pad_to is not None:
+        h, w = x.shape[-2:]
+        if h > pad_to or w > pad_to:
+            raise DataError(f"{spec}: images are {h}×{w}, larger than pad_to={pad_to}")
+        top, left = (pad_to - h) // 2, (pad_to - w) // 2
+        x = F.pad(x, (left, pad_to - w - left, top, pad_to - h - top))
+    return ImageSet(x.contiguous().to(device), None if y is None else y.to(device), spec)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]; done per batch on the device to save memory."""
+    if x.dtype != torch.uint8:
+        raise DataError(f"to_float expects uint8 pixels, got {x.dtype}")
+    return x.to(torch.float32).div_(255.0)
+
+
+def batch_indices(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                  device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Yield index tensors covering range(n) once; callers slice device tensors with them."""
+    if n < 0 or batch_size < 1:
+        raise DataError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    if shuffle:
+        gdev = generator.device if generator is not None else "cpu"
+        order = torch.randperm(n, generator=generator, device=gdev).to(device or "cpu")
+    else:
+        order = torch.arange(n, device=device)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]

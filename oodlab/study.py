@@ -1,0 +1,265 @@
+"""Study runner: wires a search space to the trainable with Ray Tune + Optuna + MLflow.
+
+A study file (``studies/*.py``) builds a ``StudySpec`` from its flags and calls ``main``.
+Everything a study writes lives under ``--storage`` (default ``./oodlab-results``):
+
+    mlflow.db      MLflow tracking store (parent run per study, child run per trial)
+    mlartifacts/   MLflow artifacts (ROC / histogram PNGs, scores.npz, metrics.json)
+    optuna.db      Optuna storage (study name = study file's stem)
+    ray/<study>/   Ray Tune experiment state and trial checkpoints
+
+Resume (``--resume``) restores the Tune experiment: finished trials are kept, interrupted
+ones continue from their last epoch checkpoint, Optuna and MLflow are not duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# Save Tune's experiment state after every event, not every ~10 s: a SIGKILL inside that
+# window otherwise makes resume re-run finished trials and crash OptunaSearch.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+
+from oodlab import data  # noqa: E402
+from oodlab.experiment import ConfigError, TrialConfig, metric_name  # noqa: E402
+
+SAMPLERS = ("grid", "tpe", "random")
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start (bad flags, missing resources, existing results)."""
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str  # study name: MLflow experiment, Optuna study and Ray experiment folder
+    fixed: dict[str, Any]  # TrialConfig fields shared by every trial
+    space: dict[str, list]  # categorical grid searched by Optuna, e.g. {"shift": [2, 4], "seed": [0, 1]}
+    metric: str  # flat metric Optuna optimises, e.g. "auroc_mnist_bpd"
+    mode: str = "max"
+    num_samples: int | None = None  # default: size of the grid
+    paper: dict[str, float] = field(default_factory=dict)  # reference values, for reports
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.space.values())
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study (shared by every study file)")
+    g.add_argument("--smoke", action="store_true", help="tiny subsets, 1 epoch: a few minutes on 2 CPU cores")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage")
+    g.add_argument("--storage", default="oodlab-results", help="results root (default ./oodlab-results)")
+    g.add_argument("--name", help="study name (default: the study file's stem, + '-smoke' with --smoke)")
+    g.add_argument("--num-samples", type=int, help="number of trials (default: the size of the grid)")
+    g.add_argument("--sampler", choices=SAMPLERS, default="grid", help="Optuna sampler (default grid = the paper's grid)")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per configuration (an explicit grid dimension)")
+    g.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: local Ray)")
+    g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
+    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
+    g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (0 = as resources allow)")
+    g.add_argument("--epochs", type=int, help="training epochs per trial")
+    g.add_argument("--train-n", type=int, help="use only this many ID training images")
+    g.add_argument("--test-n", type=int, help="score only this many images of each test set")
+
+
+SMOKE = {"epochs": 1, "train_n": 2000, "test_n": 500}
+
+
+def common_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Fixed-config entries that come from the shared flags."""
+    out = dict(SMOKE) if args.smoke else {}
+    for key in ("epochs", "train_n", "test_n"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
+def validate(spec: StudySpec, args: argparse.Namespace) -> None:
+    """Every check that can fail before Ray starts: configs, data files, flags."""
+    if args.num_samples is not None and args.num_samples < 1:
+        raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.gpus_per_trial < 0 or args.cpus_per_trial <= 0:
+        raise StudyError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+    if args.gpus_per_trial > 1 and not float(args.gpus_per_trial).is_integer():
+        raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {args.gpus_per_trial}")
+    if spec.mode not in ("min", "max"):
+        raise StudyError(f"mode must be min or max, got {spec.mode!r}")
+    if any(len(v) == 0 for v in spec.space.values()):
+        raise StudyError(f"empty search dimension in {spec.space}")
+    try:
+        for values in itertools.product(*spec.space.values()):
+            cfg = TrialConfig.from_dict({**spec.fixed, **dict(zip(spec.space, values))})
+    except ConfigError as e:
+        raise StudyError(f"bad configuration: {e}") from None
+    known = {metric_name(m, o, s) for o in cfg.ood for s in ("bpd", "kl", "iwae")
+             for m in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr80", "detection_error")}
+    if spec.metric not in known:
+        raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {sorted(known)[:6]}...")
+    try:  # load every set once: a missing file fails here, not inside a trial
+        for split_spec, split in [(cfg.id, "train"), (cfg.id, "test"), *[(o, "test") for o in cfg.ood],
+                                  *([(cfg.aux, cfg.aux_split)] if cfg.negatives == "aux" else [])]:
+            data.load(split_spec, split)
+    except data.DataError as e:
+        raise StudyError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class CategoricalSpace:
+    """Optuna define-by-run space over categorical dimensions; a class so OptunaSearch can pickle it."""
+
+    space: dict[str, list]
+
+    def __call__(self, trial) -> None:
+        for key, values in self.space.items():
+            trial.suggest_categorical(key, list(values))
+
+
+def _sampler(name: str, space: dict[str, list], seed: int = 0):
+    import optuna
+
+    if name == "grid":
+        return optuna.samplers.GridSampler({k: list(v) for k, v in space.items()}, seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def reconcile_optuna(storage_url: str, study: str) -> int:
+    """Mark trials Optuna handed out but Tune never finished (killed driver) as FAIL."""
+    import optuna
+
+    s = optuna.load_study(study_name=study, storage=storage_url)
+    stale = [t for t in s.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        s._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run (or resume) the study; returns one row per trial: config values + target metric."""
+    validate(spec, args)
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from oodlab import tracking
+    from oodlab.trainable import train_vae
+
+    results = Path(args.storage).resolve()
+    exp_dir = results / "ray" / spec.name
+    if args.resume and not exp_dir.exists():
+        raise StudyError(f"--resume: no study {spec.name!r} under {results / 'ray'}; run without --resume first")
+    if not args.resume and exp_dir.exists():
+        raise StudyError(f"study {spec.name!r} already has results in {exp_dir}; pass --resume to continue it, "
+                         "or choose another --name or --storage")
+    results.mkdir(parents=True, exist_ok=True)
+    optuna_url = f"sqlite:///{results / 'optuna.db'}"
+    mlflow_uri = tracking.tracking_uri(results)
+
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
+             **({} if args.address else {"num_cpus": os.cpu_count()}))
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
+            raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
+                             "use --gpus-per-trial 0 on CPU-only machines")
+        fixed = dict(spec.fixed)
+        if args.gpus_per_trial == 0:
+            fixed["device"] = "cpu"
+        exp_id, parent = tracking.setup_study(mlflow_uri, results / "mlartifacts", spec.name,
+                                              {"metric": spec.metric, **fixed})
+        callback = tracking.MLflowCallback(mlflow_uri, exp_id, parent, spec.name, name_keys=tuple(spec.space))
+        trainable = tune.with_resources(train_vae, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+        if args.resume:
+            print(f"[oodlab] resuming {spec.name} from {exp_dir}", flush=True)
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            n = args.num_samples or spec.num_samples or spec.grid_size
+            searcher = OptunaSearch(space=CategoricalSpace(spec.space), metric=spec.metric, mode=spec.mode,
+                                    sampler=_sampler(args.sampler, spec.space), study_name=spec.name,
+                                    storage=optuna.storages.RDBStorage(optuna_url))
+            print(f"[oodlab] study {spec.name}: {n} trials, space {spec.space}, target {spec.metric} ({spec.mode})",
+                  flush=True)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=fixed,
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n,
+                                            max_concurrent_trials=args.max_concurrent or None),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=str(results / "ray"), callbacks=[callback],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=1), verbose=1,
+                ),
+            )
+        t0 = time.time()
+        grid = tuner.fit()
+        stale = reconcile_optuna(optuna_url, spec.name)
+        rows = summarize(grid, spec)
+        print(format_table(rows, spec), flush=True)
+        if stale:
+            print(f"[oodlab] marked {stale} orphaned Optuna trial(s) FAIL", flush=True)
+        finished = [r for r in rows if r.get(spec.metric) is not None]
+        best = max(finished, key=lambda r: r[spec.metric] * (1 if spec.mode == "max" else -1), default=None)
+        if best:
+            print(f"[oodlab] best {spec.metric} = {best[spec.metric]:.4f} with "
+                  + ", ".join(f"{k}={best[k]}" for k in spec.space), flush=True)
+        tracking.finish_study(mlflow_uri, parent,
+                              {"trials_finished": len(finished), "wall_s": time.time() - t0,
+                               **({f"best_{spec.metric}": best[spec.metric]} if best else {})},
+                              {"trials.md": format_table(rows, spec)})
+        print(f"[oodlab] results in {results}\n[oodlab] browse: mlflow ui --backend-store-uri {mlflow_uri}",
+              flush=True)
+        return rows
+    finally:
+        ray.shutdown()
+
+
+def summarize(grid, spec: StudySpec) -> list[dict[str, Any]]:
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in spec.space},
+                     "epoch": m.get("epoch"), spec.metric: m.get(spec.metric),
+                     "status": "ERROR" if r.error else "OK"})
+    return sorted(rows, key=lambda r: [str(r[k]) for k in spec.space])
+
+
+def format_table(rows: list[dict[str, Any]], spec: StudySpec) -> str:
+    if not rows:
+        return "(no trials)"
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
+         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None) -> int:
+    """Entry point of a study file: parse flags, build the spec, run; clear errors, exit 2."""
+    p = argparse.ArgumentParser(prog=Path(study_file).name, description=sys.modules["__main__"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(p)
+    add_common_flags(p)
+    args = p.parse_args(argv)
+    try:
+        spec = build(args)
+        run(spec, args)
+    except (StudyError, ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def default_name(study_file: str, args: argparse.Namespace) -> str:
+    return args.name or Path(study_file).stem + ("-smoke" if args.smoke else "")

@@ -1,0 +1,152 @@
+"""MLflow tracking, done on the driver: one parent run per study, one child run per trial.
+
+Workers never talk to MLflow; a Tune callback on the driver logs for them, keyed by the
+Ray trial id (tag ``ray_trial_id``). On resume the callback finds a trial's existing
+run by that tag and continues it, and skips metric steps already logged, so a resumed
+study never duplicates a run or a point.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from oodlab import plots
+from oodlab.trainable import METRICS_FILE, SCORES_FILE, load_scores
+
+STUDY_TAG = "oodlab.study"
+ROLE_TAG = "oodlab.role"
+TRIAL_TAG = "ray_trial_id"
+_RAY_KEYS = {"timestamp", "pid", "done", "training_iteration", "time_since_restore", "iterations_since_restore",
+             "time_this_iter_s", "epoch"}
+
+
+def tracking_uri(results: Path) -> str:
+    return f"sqlite:///{results.resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -> tuple[str, str]:
+    """Create (or find) the experiment and the study's parent run, once, before any trial.
+
+    Creating the sqlite database here, in one process, avoids the migration race two
+    trials hit when they create it at once. Returns (experiment_id, parent_run_id).
+    """
+    client = _client(uri)
+    exp = client.get_experiment_by_name(study)
+    exp_id = exp.experiment_id if exp else client.create_experiment(study, artifact_location=artifacts.resolve().as_uri())
+    runs = client.search_runs([exp_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=study, tags={STUDY_TAG: study, ROLE_TAG: "parent"}).info.run_id
+        for k, v in params.items():
+            client.log_param(run_id, k, v)
+    return exp_id, run_id
+
+
+def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str]) -> None:
+    """Log the study's summary metrics and text files to the parent run and close it."""
+    client = _client(uri)
+    for k, v in summary.items():
+        client.log_metric(parent_run_id, k, v)
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in files.items():
+            (Path(d) / name).write_text(text)
+            client.log_artifact(parent_run_id, str(Path(d) / name))
+    client.set_terminated(parent_run_id, "FINISHED")
+
+
+def numeric(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items()
+            if k not in _RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MLflowCallback(tune.Callback):
+    """Logs each Tune trial to its own MLflow child run. Picklable: the client is made lazily."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str, name_keys: tuple[str, ...] = ()):
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.study, self.name_keys = study, name_keys
+        self._client = None
+        self._runs: dict[str, str] = {}  # ray trial id -> mlflow run id
+        self._last_step: dict[str, int] = {}  # ray trial id -> last epoch logged
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None, "_runs": {}, "_last_step": {}}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def _run_for(self, trial) -> str:
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        found = self.client.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{tid}'", max_results=1)
+        if found:  # resumed trial: continue its run, after the last logged epoch
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            hist = self.client.get_metric_history(run_id, "loss")
+            self._last_step[tid] = max((m.step for m in hist), default=0)
+        else:
+            name = " ".join(f"{k}={trial.config.get(k)}" for k in self.name_keys) or tid
+            tags = {TRIAL_TAG: tid, STUDY_TAG: self.study, ROLE_TAG: "trial", "mlflow.parentRunId": self.parent_run_id}
+            run_id = self.client.create_run(self.experiment_id, run_name=f"{name} [{tid}]", tags=tags).info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)) for k, v in sorted(trial.config.items())]
+            self.client.log_batch(run_id, params=params)
+            self._last_step[tid] = 0
+        self._runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self._run_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._last_step.get(trial.trial_id, 0):
+            return  # already logged before a crash
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(result).items()])
+        self._last_step[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        if trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as d:
+                self._log_artifacts(run_id, Path(d))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.client.set_terminated(self._run_for(trial), "FAILED")
+
+    def _log_artifacts(self, run_id: str, ckpt: Path) -> None:
+        if not (ckpt / SCORES_FILE).exists():
+            return
+        scores = load_scores(ckpt / SCORES_FILE)
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d)
+            plots.roc_figure(scores, out / "roc.png")
+            plots.histogram_figure(scores, out / "scores_hist.png")
+            for f in (out / "roc.png", out / "scores_hist.png", ckpt / SCORES_FILE, ckpt / METRICS_FILE):
+                self.client.log_artifact(run_id, str(f))
+        table = json.loads((ckpt / METRICS_FILE).read_text())
+        self.client.set_tag(run_id, "oodlab.metrics", json.dumps({k: round(v, 4) for k, v in table.items() if k.startswith("auroc")}))

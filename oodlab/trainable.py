@@ -1,0 +1,58 @@
+"""The Ray Tune function trainable: a thin wrapper around ``experiment.Experiment``.
+
+Every epoch it reports the loss terms and the (latest) metric table together with a
+checkpoint holding the model, optimizer, epoch and RNG state, so a killed trial
+continues from its last epoch. The final checkpoint also carries ``scores.npz`` and
+``metrics.json``, which the driver-side MLflow callback turns into artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from oodlab.experiment import Experiment, TrialConfig
+
+STATE_FILE = "state.pt"
+SCORES_FILE = "scores.npz"
+METRICS_FILE = "metrics.json"
+
+
+def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]]) -> None:
+    """Flatten {set: {score: array}} into one npz with keys ``set/score``."""
+    np.savez_compressed(path, **{f"{s}/{k}": v for s, d in scores.items() for k, v in d.items()})
+
+
+def load_scores(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            s, k = key.split("/", 1)
+            out.setdefault(s, {})[k] = z[key]
+    return out
+
+
+def train_vae(config: dict[str, Any]) -> None:
+    cfg = TrialConfig.from_dict(config)
+    exp = Experiment(cfg)
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            exp.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=exp.device, weights_only=True))
+    metrics: dict[str, float] = {}
+    while not exp.done:
+        res = exp.step()
+        metrics = res.metrics or metrics  # between evaluations, repeat the latest table
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(exp.state_dict(), Path(d) / STATE_FILE)
+            if exp.done and res.scores is not None:
+                save_scores(Path(d) / SCORES_FILE, res.scores)
+                (Path(d) / METRICS_FILE).write_text(json.dumps(res.metrics, indent=1, sort_keys=True))
+            report = {"epoch": res.epoch, "epoch_s": res.seconds, **res.train, **metrics}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
