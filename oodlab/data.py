@@ -136,6 +136,20 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
     return spec, None, mods
 
 
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs, keeping commas inside [...] modifiers."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [s for s in out if s]
+
+
 def validate(spec: str) -> None:
     """Check a spec before any compute; reads no data (npz: only checks the file exists)."""
     name, path, _ = _parse(spec)

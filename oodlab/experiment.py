@@ -62,7 +62,7 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.ood, str):
-            object.__setattr__(self, "ood", tuple(s for s in self.ood.split(",") if s))
+            object.__setattr__(self, "ood", tuple(data.split_specs(self.ood)))
         else:
             object.__setattr__(self, "ood", tuple(self.ood))
         checks = [
@@ -89,7 +89,10 @@ class TrialConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
-        methods.get(self.method)
+        try:
+            methods.get(self.method)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for spec in self.data_specs():
             try:
                 data.validate(spec)

@@ -133,13 +133,35 @@ def _sampler(name: str, space: dict[str, list], seed: int = 0):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def reconcile_optuna(storage_url: str, study: str) -> int:
-    """Mark trials Optuna handed out but Tune never finished (killed driver) as FAIL."""
+def known_optuna_trials(exp_dir: Path) -> set[int] | None:
+    """Optuna trial numbers that Tune's saved searcher state tracks (None if none saved)."""
+    import pickle
+
+    states = sorted(exp_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return None
+    with open(states[-1], "rb") as f:
+        saved = pickle.load(f)
+    return {t.number for t in saved.get("_ot_trials", {}).values()}
+
+
+def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None) -> int:
+    """Mark RUNNING Optuna trials that Tune will never finish as FAIL; returns how many.
+
+    A driver killed between Optuna's ``ask`` and Tune's state save leaves such orphans;
+    left RUNNING they would also block their grid point. ``keep``: numbers Tune resumes.
+    """
     import optuna
 
-    s = optuna.load_study(study_name=study, storage=storage_url)
-    stale = [t for t in s.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    try:
+        s = optuna.load_study(study_name=study, storage=storage_url)
+    except KeyError:
+        return 0
+    stale = [t for t in s.get_trials(deepcopy=False)
+             if t.state == optuna.trial.TrialState.RUNNING and t.number not in (keep or set())]
     for t in stale:
+        if "grid_id" in t.system_attrs:  # free its grid point: GridSampler counts FAIL as visited
+            s._storage.set_trial_system_attr(t._trial_id, "grid_id", -1)
         s._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     return len(stale)
 
@@ -162,7 +184,6 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.resume and exp_dir.exists():
         raise StudyError(f"study {spec.name!r} already has results in {exp_dir}; pass --resume to continue it, "
                          "or choose another --name or --storage")
-    results.mkdir(parents=True, exist_ok=True)
     optuna_url = f"sqlite:///{results / 'optuna.db'}"
     mlflow_uri = tracking.tracking_uri(results)
 
@@ -173,6 +194,7 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
             raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
                              "use --gpus-per-trial 0 on CPU-only machines")
+        results.mkdir(parents=True, exist_ok=True)  # only now: a refused study writes nothing
         fixed = dict(spec.fixed)
         if args.gpus_per_trial == 0:
             fixed["device"] = "cpu"
@@ -182,6 +204,9 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         trainable = tune.with_resources(train_vae, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         if args.resume:
             print(f"[oodlab] resuming {spec.name} from {exp_dir}", flush=True)
+            orphans = reconcile_optuna(optuna_url, spec.name, keep=known_optuna_trials(exp_dir) or set())
+            if orphans:
+                print(f"[oodlab] marked {orphans} orphaned Optuna trial(s) FAIL", flush=True)
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
             n = args.num_samples or spec.num_samples or spec.grid_size
@@ -194,7 +219,8 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
                 trainable,
                 param_space=fixed,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n,
-                                            max_concurrent_trials=args.max_concurrent or None),
+                                            max_concurrent_trials=args.max_concurrent or None,
+                                            trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=str(results / "ray"), callbacks=[callback],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -222,6 +248,11 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         return rows
     finally:
         ray.shutdown()
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folders (Tune's default embeds the whole config in the name)."""
+    return f"trial_{trial.trial_id}"
 
 
 def summarize(grid, spec: StudySpec) -> list[dict[str, Any]]:

@@ -55,7 +55,7 @@ def build(args: argparse.Namespace) -> StudySpec:
                  decoder=args.decoder, neg_weight=args.neg_weight, pad=args.pad, batch_size=args.batch_size,
                  lr=args.lr, optimizer=args.optimizer, iwae_k=args.iwae_k, eval_every=args.eval_every,
                  **common_overrides(args))
-    ood_first = args.ood.split(",")[0]
+    ood_first = data.split_specs(args.ood)[0]
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,

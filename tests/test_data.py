@@ -9,7 +9,7 @@ import torch
 from oodlab import data
 from oodlab.data import DataError, ImageSet
 
-ROOT = Path(os.environ.get("OODLAB_DATA_DIR", "/work/shared/data"))
+ROOT = Path(os.environ["OODLAB_DATA_DIR"])  # set by conftest.py
 needs_data = pytest.mark.skipif(not (ROOT / "FashionMNIST" / "raw").is_dir(), reason="offline data not found")
 
 
@@ -294,3 +294,8 @@ def test_failed_download_is_data_error(tmp_path, monkeypatch):
         with pytest.raises(DataError, match="Download failed \\(RuntimeError: no network\\)") as e:
             data.load(name, "train", root=tmp_path)
         assert str(tmp_path) in str(e.value)
+
+
+def test_split_specs_keeps_modifier_commas():
+    assert data.split_specs("mnist,uniform_noise[channels=3,size=32], npz:/a/b.npz") == [
+        "mnist", "uniform_noise[channels=3,size=32]", "npz:/a/b.npz"]

@@ -1,0 +1,48 @@
+"""metrics.ood_metrics: OOD = positive, higher score = more OOD, agreeing with scikit-learn."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from oodlab.metrics import METRICS, ood_metrics
+
+
+def test_matches_sklearn_on_random_scores():
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(0, 1, 700), rng.normal(0.8, 1.3, 400)
+    m = ood_metrics(s_in, s_out)
+    y = np.r_[np.zeros(700), np.ones(400)]
+    s = np.r_[s_in, s_out]
+    assert set(m) == set(METRICS)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s))
+    assert m["aupr_out"] == pytest.approx(average_precision_score(y, s))
+    assert m["aupr_in"] == pytest.approx(average_precision_score(1 - y, -s))
+    assert 0.6 < m["auroc"] < 0.8
+
+
+def test_fpr95_and_detection_error_by_brute_force():
+    rng = np.random.default_rng(1)
+    s_in, s_out = rng.normal(0, 1, 500), rng.normal(1.5, 1, 300)
+    m = ood_metrics(s_in, s_out)
+    thresholds = np.unique(np.r_[s_in, s_out, np.inf])
+    tpr = np.array([(s_out >= t).mean() for t in thresholds])
+    fpr = np.array([(s_in >= t).mean() for t in thresholds])
+    assert m["fpr95"] == pytest.approx(fpr[tpr >= 0.95].min())
+    assert m["fpr80"] == pytest.approx(fpr[tpr >= 0.80].min())
+    assert m["detection_error"] == pytest.approx(np.min(0.5 * (1 - tpr) + 0.5 * fpr))
+
+
+def test_separated_constant_and_reversed():
+    perfect = ood_metrics(np.zeros(10), np.ones(10))
+    assert perfect["auroc"] == 1.0 and perfect["fpr95"] == 0.0 and perfect["detection_error"] == 0.0
+    assert perfect["aupr_in"] == 1.0 and perfect["aupr_out"] == 1.0
+    const = ood_metrics(np.ones(10), np.ones(30))
+    assert const["auroc"] == 0.5 and const["fpr95"] == 1.0
+    assert ood_metrics(np.ones(10), np.zeros(10))["auroc"] == 0.0  # sign matters: higher = more OOD
+
+
+def test_bad_scores_raise():
+    with pytest.raises(ValueError, match="non-finite"):
+        ood_metrics(np.array([0.0, np.nan]), np.ones(3))
+    with pytest.raises(ValueError, match="at least one"):
+        ood_metrics(np.array([]), np.ones(3))

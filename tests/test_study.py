@@ -1,0 +1,157 @@
+"""Real studies through Ray Tune + Optuna + MLflow, run as users run them: as subprocesses.
+
+The resume test SIGKILLs the driver mid-study and checks the outcome in all three
+systems (Tune's trial folders, Optuna's storage, MLflow's runs), not ``can_restore``.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oodlab import data
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "negprior_shift.py"
+SHIFTS = [2.0, 4.0, 6.0, 8.0]
+
+
+def _env(ray_tmp: str) -> dict:
+    return {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+
+
+def _kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
+    """Kill what a SIGKILLed driver leaves behind: its process group and Ray's daemons, by pid."""
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="ignore")
+                env = (proc / "environ").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if ray_tmp in cmd or f"RAY_TMPDIR={ray_tmp}" in env:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _optuna_states(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as c:
+        try:
+            return [r[0] for r in c.execute("select state from trials")]
+        except sqlite3.OperationalError:
+            return []
+
+
+@pytest.fixture
+def ray_tmp():
+    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    yield d
+    _kill_leftovers(d)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
+    npz = tmp_path / "digits.npz"
+    mnist = data.load("mnist", "test")
+    np.savez(npz, x=mnist.x[-300:, 0].numpy())  # a user set, N×H×W uint8
+    storage = tmp_path / "results"
+    args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "e2e", "--shifts", "2,4,6,8",
+            "--epochs", "3", "--train-n", "1500", "--test-n", "200", "--ood", f"mnist,npz:{npz}"]
+    proc = subprocess.Popen(args, env=_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while _optuna_states(storage / "optuna.db").count("COMPLETE") < 1:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # the driver only, mid-study
+    proc.wait()
+    _kill_leftovers(ray_tmp, proc.pid)
+    done_at_kill = _optuna_states(storage / "optuna.db").count("COMPLETE")
+    assert done_at_kill < len(SHIFTS), "the kill came too late to test resume"
+    finished_dirs = {p.parent.name for p in (storage / "ray" / "e2e").glob("trial_*/result.json")
+                     if len(p.read_text().splitlines()) == 3}
+
+    out = subprocess.run(args + ["--resume"], env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "best auroc_mnist_bpd" in out.stdout
+
+    # Ray: every trial reached epoch 3; trials finished before the kill were not re-run.
+    trial_dirs = sorted((storage / "ray" / "e2e").glob("trial_*"))
+    assert len(trial_dirs) == len(SHIFTS)
+    for d in trial_dirs:
+        epochs = [json.loads(line)["epoch"] for line in (d / "result.json").read_text().splitlines()]
+        assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]
+        if d.name in finished_dirs:
+            assert len(epochs) == 3, f"{d.name} finished before the kill but was re-run"
+
+    # Optuna: exactly one COMPLETE trial per grid point, none left RUNNING.
+    import optuna
+
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{storage / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["shift"] for t in complete) == SHIFTS
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+    # MLflow: one parent, one FINISHED child per trial, each epoch logged once, artifacts present.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("oodlab.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("oodlab.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == len(SHIFTS)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3]
+        assert 0.0 <= r.data.metrics["auroc_digits_bpd"] <= 1.0  # the npz OOD set is scored on its own
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"roc.png", "scores_hist.png", "scores.npz", "metrics.json"} <= files
+
+
+@pytest.mark.slow
+def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp):
+    storage = tmp_path / "results"
+    out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--gpus-per-trial", "0.5"],
+                         env=_env(ray_tmp), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "GPUs" in out.stderr and "--gpus-per-trial 0" in out.stderr
+    assert not storage.exists(), "a refused study must write nothing"
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--ood", "bogus"], "unknown dataset"),
+    (["--ood", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
+    (["--id", "mnist"], "looked for"),  # offline MNIST has no train split
+    (["--resume"], "run without --resume first"),
+    (["--shifts", "-2"], "shift"),
+    (["--epochs", "0"], "epochs"),
+])
+def test_bad_input_is_refused_before_compute(tmp_path, flags, match):
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(tmp_path / "r"), *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert match in out.stderr
+    assert not (tmp_path / "r").exists()
+    assert time.time() - t0 < 30
