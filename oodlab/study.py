@@ -29,7 +29,7 @@ from typing import Any, Callable
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 from oodlab import data  # noqa: E402
-from oodlab.experiment import ConfigError, TrialConfig, metric_name  # noqa: E402
+from oodlab.experiment import ConfigError, build_config  # noqa: E402
 
 SAMPLERS = ("grid", "tpe", "random")
 
@@ -97,17 +97,15 @@ def validate(spec: StudySpec, args: argparse.Namespace) -> None:
         raise StudyError(f"empty search dimension in {spec.space}")
     try:
         for values in itertools.product(*spec.space.values()):
-            cfg = TrialConfig.from_dict({**spec.fixed, **dict(zip(spec.space, values))})
+            cfg = build_config({**spec.fixed, **dict(zip(spec.space, values))})
     except ConfigError as e:
         raise StudyError(f"bad configuration: {e}") from None
-    known = {metric_name(m, o, s) for o in cfg.ood for s in ("bpd", "kl", "iwae")
-             for m in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr80", "detection_error")}
+    known = cfg.metric_names()
     if spec.metric not in known:
-        raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {sorted(known)[:6]}...")
+        raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {', '.join(known)}")
     try:  # load every set once: a missing file fails here, not inside a trial
-        for split_spec, split in [(cfg.id, "train"), (cfg.id, "test"), *[(o, "test") for o in cfg.ood],
-                                  *([(cfg.aux, cfg.aux_split)] if cfg.negatives == "aux" else [])]:
-            data.load(split_spec, split)
+        for data_spec, split in cfg.data_requests():
+            data.load(data_spec, split)
     except data.DataError as e:
         raise StudyError(str(e)) from None
 
@@ -175,7 +173,7 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     from ray.tune.search.optuna import OptunaSearch
 
     from oodlab import tracking
-    from oodlab.trainable import train_vae
+    from oodlab.trainable import train
 
     results = Path(args.storage).resolve()
     exp_dir = results / "ray" / spec.name
@@ -201,7 +199,7 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         exp_id, parent = tracking.setup_study(mlflow_uri, results / "mlartifacts", spec.name,
                                               {"metric": spec.metric, **fixed})
         callback = tracking.MLflowCallback(mlflow_uri, exp_id, parent, spec.name, name_keys=tuple(spec.space))
-        trainable = tune.with_resources(train_vae, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+        trainable = tune.with_resources(train, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         if args.resume:
             print(f"[oodlab] resuming {spec.name} from {exp_dir}", flush=True)
             orphans = reconcile_optuna(optuna_url, spec.name, keep=known_optuna_trials(exp_dir) or set())

@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: a thin wrapper around ``experiment.Experiment``.
+"""The Ray Tune function trainable: a thin wrapper around a method's ``Experiment``.
 
 Every epoch it reports the loss terms and the (latest) metric table together with a
 checkpoint holding the model, optimizer, epoch and RNG state, so a killed trial
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from oodlab.experiment import Experiment, TrialConfig
+from oodlab.experiment import build
 
 STATE_FILE = "state.pt"
 SCORES_FILE = "scores.npz"
@@ -38,9 +38,8 @@ def load_scores(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def train_vae(config: dict[str, Any]) -> None:
-    cfg = TrialConfig.from_dict(config)
-    exp = Experiment(cfg)
+def train(config: dict[str, Any]) -> None:
+    exp = build(config)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
