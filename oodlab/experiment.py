@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -181,6 +182,9 @@ class Experiment:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def write_artifacts(self, folder: Path) -> None:
+        """Optional: write method-specific files (figures, sample grids) for the final MLflow run."""
 
     def evaluate(self) -> tuple[dict[str, float], Scores]:
         scores = self.score()

@@ -17,7 +17,7 @@ from typing import Any
 from ray import tune
 
 from oodlab import plots
-from oodlab.trainable import METRICS_FILE, SCORES_FILE, load_scores
+from oodlab.trainable import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, load_scores
 
 STUDY_TAG = "oodlab.study"
 ROLE_TAG = "oodlab.role"
@@ -148,5 +148,8 @@ class MLflowCallback(tune.Callback):
             plots.histogram_figure(scores, out / "scores_hist.png")
             for f in (out / "roc.png", out / "scores_hist.png", ckpt / SCORES_FILE, ckpt / METRICS_FILE):
                 self.client.log_artifact(run_id, str(f))
+        extra = ckpt / ARTIFACTS_DIR
+        if extra.is_dir() and any(extra.iterdir()):
+            self.client.log_artifacts(run_id, str(extra))
         table = json.loads((ckpt / METRICS_FILE).read_text())
         self.client.set_tag(run_id, "oodlab.metrics", json.dumps({k: round(v, 4) for k, v in table.items() if k.startswith("auroc")}))

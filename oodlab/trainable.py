@@ -22,6 +22,7 @@ from oodlab.experiment import build
 STATE_FILE = "state.pt"
 SCORES_FILE = "scores.npz"
 METRICS_FILE = "metrics.json"
+ARTIFACTS_DIR = "artifacts"  # method-specific files, logged to MLflow as they are
 
 
 def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]]) -> None:
@@ -53,5 +54,7 @@ def train(config: dict[str, Any]) -> None:
             if exp.done and res.scores is not None:
                 save_scores(Path(d) / SCORES_FILE, res.scores)
                 (Path(d) / METRICS_FILE).write_text(json.dumps(res.metrics, indent=1, sort_keys=True))
+                (Path(d) / ARTIFACTS_DIR).mkdir()
+                exp.write_artifacts(Path(d) / ARTIFACTS_DIR)
             report = {"epoch": res.epoch, "epoch_s": res.seconds, **res.train, **metrics}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))

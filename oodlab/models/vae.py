@@ -23,8 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from oodlab.models import likelihoods
 
 ARCHS = ("gray", "color")
 DECODERS = ("bernoulli", "gaussian")
@@ -133,11 +134,9 @@ class VAE(nn.Module):
     def log_px(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over pixels, per sample (B,)."""
         if self.log_sigma is None:
-            return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+            return likelihoods.bernoulli(x, logits)
         log_sigma = self.log_sigma.clamp(min=MIN_LOG_SIGMA).view(1, -1, 1, 1)
-        mean = torch.sigmoid(logits)
-        ll = -0.5 * ((x - mean) / log_sigma.exp()).pow(2) - log_sigma - 0.5 * math.log(2 * math.pi)
-        return ll.flatten(1).sum(1)
+        return likelihoods.gaussian(x, torch.sigmoid(logits), log_sigma)
 
     def sample_images(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean images of p(x|z), z ~ N(0, I): (n, C, H, W) in [0,1]."""
