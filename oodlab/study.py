@@ -273,14 +273,19 @@ def format_table(rows: list[dict[str, Any]], spec: StudySpec) -> str:
     return "\n".join(lines)
 
 
-def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
-         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None) -> int:
-    """Entry point of a study file: parse flags, build the spec, run; clear errors, exit 2."""
-    p = argparse.ArgumentParser(prog=Path(study_file).name, description=sys.modules["__main__"].__doc__,
+def parse_args(study_file: str, configure: Callable[[argparse.ArgumentParser], None],
+               argv: list[str] | None = None, doc: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=Path(study_file).name, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
     add_common_flags(p)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
+         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None) -> int:
+    """Entry point of a study file: parse flags, build the spec, run; clear errors, exit 2."""
+    args = parse_args(study_file, configure, argv, doc=getattr(sys.modules.get("__main__"), "__doc__", None))
     try:
         spec = build(args)
         run(spec, args)

@@ -1,0 +1,86 @@
+"""How much do Ray Tune + Optuna + MLflow cost on top of bare training, and how much
+faster is batching by tensor slicing than a DataLoader?
+
+    python benchmarks/overhead.py            # ~5 min on 2 CPU cores: 2 trials of ~1 min
+    python benchmarks/overhead.py --quick    # ~1 min: short trials (overhead ratio not meaningful)
+
+Prints ``study_overhead_ratio=X`` (study wall time ÷ the same trials as bare loops,
+one after another, in this process) and ``slicing_vs_dataloader_ratio=Y`` (one epoch of
+batches by slicing a uint8 tensor ÷ the same epoch from a shuffling DataLoader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from oodlab import data  # noqa: E402
+from oodlab.experiment import run_trial  # noqa: E402
+from oodlab.study import parse_args, run  # noqa: E402
+
+
+def slicing_vs_dataloader(batch_size: int = 50, device: str = "cpu") -> tuple[float, float]:
+    """Seconds for one shuffled epoch of float batches: (tensor slicing, DataLoader)."""
+    x = data.load("fashion_mnist", "train", device=device).x
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for idx in data.batch_indices(len(x), batch_size, shuffle=True, generator=gen, device=x.device):
+        b = data.to_float(x[idx])
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t_slice = time.perf_counter() - t0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.cpu()), batch_size=batch_size, shuffle=True)
+    t0 = time.perf_counter()
+    for (b,) in loader:
+        b = data.to_float(b.to(device, non_blocking=True))
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return t_slice, time.perf_counter() - t0
+
+
+def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float]:
+    """Seconds for the same trials (a) as a study through Ray+Optuna+MLflow, one at a time
+    with every core, and (b) as bare ``run_trial`` loops in this process."""
+    study = runpy.run_path(str(REPO / "studies" / "negprior_shift.py"))
+    argv = ["--shifts", shifts, "--epochs", str(epochs), "--train-n", str(train_n), "--test-n", "2000",
+            "--max-concurrent", "1", "--cpus-per-trial", str(torch.get_num_threads())]
+    with tempfile.TemporaryDirectory() as d:
+        args = parse_args("negprior_shift.py", study["configure"], argv + ["--storage", d, "--name", "overhead"])
+        spec = study["build"](args)
+        t0 = time.perf_counter()
+        run(spec, args)
+        t_study = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for shift in spec.space["shift"]:
+        run_trial({**spec.fixed, "shift": shift, "seed": 0, "device": "cpu"})
+    return t_study, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short trials: checks the script, not the ratio")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-study", action="store_true", help="only the data-path benchmark")
+    a = p.parse_args()
+    t_slice, t_loader = slicing_vs_dataloader(device=a.device)
+    print(f"slicing_epoch_s={t_slice:.3f} dataloader_epoch_s={t_loader:.3f} device={a.device}")
+    print(f"slicing_vs_dataloader_ratio={t_slice / t_loader:.3f}", flush=True)
+    if a.skip_study:
+        return
+    train_n, epochs = (2000, 1) if a.quick else (60000, 3)
+    t_study, t_bare = study_overhead(train_n, epochs, "2,8")
+    print(f"study_wall_s={t_study:.1f} bare_wall_s={t_bare:.1f} trials=2 epochs={epochs} train_n={train_n}")
+    print(f"study_overhead_ratio={t_study / t_bare:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

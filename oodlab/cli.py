@@ -1,0 +1,106 @@
+"""`oodlab` command line: run, resume, list, report and browse studies.
+
+    oodlab run negprior_shift --smoke          # = python studies/negprior_shift.py --smoke
+    oodlab resume negprior_shift               # = ... --resume
+    oodlab list [--storage DIR]                # studies and their progress (Optuna + MLflow)
+    oodlab report STUDY [--storage DIR]        # mean (sd) AUROC table over seeds, logged to MLflow
+    oodlab ui [--storage DIR] [--port 5000]    # MLflow UI on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def study_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".py" and p.exists():
+        return p
+    p = STUDIES / f"{name.removesuffix('.py')}.py"
+    if not p.exists():
+        known = sorted(f.stem for f in STUDIES.glob("*.py"))
+        raise SystemExit(f"error: unknown study {name!r}; known: {', '.join(known)}")
+    return p
+
+
+def run_study(name: str, args: list[str]) -> int:
+    path = study_path(name)
+    sys.argv = [str(path), *args]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def list_studies(storage: Path) -> int:
+    import optuna
+
+    db = storage / "optuna.db"
+    if not db.exists():
+        print(f"no studies under {storage} (looked for {db})")
+        return 1
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{db.resolve()}"
+    print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'best':>8}  {'resumable':9}")
+    for s in optuna.get_all_study_summaries(url):
+        trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
+        count = lambda st: sum(t.state.name == st for t in trials)  # noqa: E731
+        best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
+        resumable = "yes" if (storage / "ray" / s.study_name).exists() else "no"
+        print(f"{s.study_name:32} {count('COMPLETE'):8d} {count('RUNNING'):8d} {count('FAIL'):7d} {best:>8}  {resumable}")
+    return 0
+
+
+def report_study(storage: Path, study: str) -> int:
+    from oodlab import report
+
+    print(report.report(storage, study))
+    return 0
+
+
+def ui(storage: Path, port: int, host: str) -> int:
+    uri = f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+    if not (storage / "mlflow.db").exists():
+        print(f"error: no MLflow store at {storage / 'mlflow.db'}; run a study first", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    print("[oodlab] " + " ".join(cmd), flush=True)
+    os.execvp(cmd[0], cmd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("run", "resume"):  # pass every flag through to the study file
+        if len(argv) < 2:
+            raise SystemExit(f"usage: oodlab {argv[0]} STUDY [flags]")
+        return run_study(argv[1], argv[2:] + (["--resume"] if argv[0] == "resume" else []))
+    p = argparse.ArgumentParser(prog="oodlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "resume"):
+        sub.add_parser(name, help=f"{name} a study file from studies/ (flags pass through)")
+    for name in ("list", "report", "ui"):
+        q = sub.add_parser(name)
+        q.add_argument("--storage", default="oodlab-results", type=Path, help="results root (default ./oodlab-results)")
+        if name == "report":
+            q.add_argument("study", help="study name (as in `oodlab list`)")
+        if name == "ui":
+            q.add_argument("--port", type=int, default=5000)
+            q.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    a = p.parse_args(argv)
+    if a.cmd == "list":
+        return list_studies(a.storage)
+    if a.cmd == "report":
+        return report_study(a.storage, a.study)
+    return ui(a.storage, a.port, a.host)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
