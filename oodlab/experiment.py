@@ -56,6 +56,7 @@ class TrialConfig:
     eval_every: int = 1  # evaluate after epoch 1, every k epochs, and after the last
     eval_batch_size: int = 1000
     device: str = "auto"  # "auto" = cuda if visible, else cpu
+    fail_at_epoch: int | None = None  # fault injection (tests): the loss "diverges" at this epoch
 
     def __post_init__(self) -> None:
         ood = data.split_specs(self.ood) if isinstance(self.ood, str) else list(self.ood)
@@ -193,6 +194,8 @@ class Experiment:
     def step(self) -> EpochResult:
         """Train one epoch, evaluate when due."""
         t0 = time.perf_counter()
+        if self.cfg.fail_at_epoch == self.epoch + 1:
+            raise FloatingPointError(f"loss became nan in epoch {self.epoch + 1} (injected by fail_at_epoch)")
         res = EpochResult(self.epoch + 1, self.train_epoch())
         self.epoch = res.epoch
         if self.epoch == 1 or self.epoch % self.cfg.eval_every == 0 or self.done:

@@ -66,6 +66,12 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
     g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
     g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (0 = as resources allow)")
+    g.add_argument("--max-failures", type=int, default=1,
+                   help="retries of a trial whose worker died, from its last checkpoint (default 1)")
+    g.add_argument("--checkpoint-storage", help="where Ray keeps experiment state and checkpoints: a shared "
+                   "path (NFS) or s3://bucket/prefix so any node can resume any trial (default <storage>/ray)")
+    g.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     g.add_argument("--epochs", type=int, help="training epochs per trial")
     g.add_argument("--train-n", type=int, help="use only this many ID training images")
     g.add_argument("--test-n", type=int, help="score only this many images of each test set")
@@ -164,26 +170,102 @@ def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None)
     return len(stale)
 
 
+class StudyInterrupted(RuntimeError):
+    """The study stopped early (Ctrl-C / SIGINT); its state is saved for ``--resume``."""
+
+
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Searcher(OptunaSearch):
+        """OptunaSearch that also records, on each Optuna trial, the Ray trial id and, for
+        a failed trial, the reason (user attrs ``ray_trial_id`` and ``error``)."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            ot = self._ot_trials.get(trial_id)
+            if ot is not None and trial_id not in self._completed_trials:
+                storage, tid = self._ot_study._storage, ot._trial_id
+                storage.set_trial_user_attr(tid, "ray_trial_id", trial_id)
+                reason = (result or {}).get("error") or ("trial errored (see MLflow tag oodlab.error)" if error else None)
+                if reason:
+                    storage.set_trial_user_attr(tid, "error", str(reason)[:2000])
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return Searcher
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _exists(uri: str) -> bool:
+    if not _is_remote(uri):
+        return Path(uri.removeprefix("file://")).exists()
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _check_writable(results: Path) -> None:
+    probe = results
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise StudyError(f"--storage {results}: {probe} is not a writable directory")
+
+
+def _check_resumable(exp_dir: str) -> None:
+    """A foreign or corrupt experiment folder fails here, with its path, not inside a trial."""
+    import torch
+    from ray import tune
+
+    if not tune.Tuner.can_restore(exp_dir):
+        raise StudyError(f"--resume: {exp_dir} holds no Ray Tune experiment state (tuner.pkl); "
+                         "is it an oodlab study folder?")
+    if _is_remote(exp_dir):
+        return
+    from oodlab.trainable import STATE_FILE
+
+    for trial in sorted(Path(exp_dir).glob("trial_*")):
+        ckpts = sorted(trial.glob("checkpoint_*"))
+        if ckpts:
+            state = ckpts[-1] / STATE_FILE
+            try:
+                torch.load(state, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is fatal for resume
+                raise StudyError(f"--resume: checkpoint {state} cannot be loaded ({type(e).__name__}: {e}); "
+                                 f"delete {ckpts[-1]} to restart that trial from its previous checkpoint") from None
+
+
 def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run (or resume) the study; returns one row per trial: config values + target metric."""
     validate(spec, args)
     import optuna
     import ray
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from oodlab import tracking
     from oodlab.trainable import train
 
     results = Path(args.storage).resolve()
-    exp_dir = results / "ray" / spec.name
-    if args.resume and not exp_dir.exists():
-        raise StudyError(f"--resume: no study {spec.name!r} under {results / 'ray'}; run without --resume first")
-    if not args.resume and exp_dir.exists():
+    ray_root = args.checkpoint_storage or str(results / "ray")
+    exp_dir = f"{ray_root.rstrip('/')}/{spec.name}"
+    if args.resume and not _exists(exp_dir):
+        raise StudyError(f"--resume: no study {spec.name!r} under {ray_root}; run without --resume first")
+    if not args.resume and _exists(exp_dir):
         raise StudyError(f"study {spec.name!r} already has results in {exp_dir}; pass --resume to continue it, "
                          "or choose another --name or --storage")
+    _check_writable(results)
+    if args.resume:
+        _check_resumable(exp_dir)
     optuna_url = f"sqlite:///{results / 'optuna.db'}"
-    mlflow_uri = tracking.tracking_uri(results)
+    mlflow_uri = args.mlflow_uri or tracking.tracking_uri(results)
+    if not mlflow_uri.startswith("sqlite:"):
+        try:
+            tracking.check_reachable(mlflow_uri)
+        except ConnectionError as e:
+            raise StudyError(str(e)) from None
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
              **({} if args.address else {"num_cpus": os.cpu_count()}))
@@ -202,15 +284,19 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         trainable = tune.with_resources(train, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         if args.resume:
             print(f"[oodlab] resuming {spec.name} from {exp_dir}", flush=True)
-            orphans = reconcile_optuna(optuna_url, spec.name, keep=known_optuna_trials(exp_dir) or set())
+            keep = known_optuna_trials(Path(exp_dir)) if not _is_remote(exp_dir) else None
+            orphans = reconcile_optuna(optuna_url, spec.name, keep=keep or set())
             if orphans:
                 print(f"[oodlab] marked {orphans} orphaned Optuna trial(s) FAIL", flush=True)
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
             n = args.num_samples or spec.num_samples or spec.grid_size
-            searcher = OptunaSearch(space=CategoricalSpace(spec.space), metric=spec.metric, mode=spec.mode,
-                                    sampler=_sampler(args.sampler, spec.space), study_name=spec.name,
-                                    storage=optuna.storages.RDBStorage(optuna_url))
+            ot_study = optuna.create_study(study_name=spec.name, storage=optuna_url, load_if_exists=True,
+                                           direction="maximize" if spec.mode == "max" else "minimize")
+            ot_study.set_user_attr("num_samples", n)  # read back on resume to tell "done" from "interrupted"
+            searcher = _searcher_class()(space=CategoricalSpace(spec.space), metric=spec.metric, mode=spec.mode,
+                                         sampler=_sampler(args.sampler, spec.space), study_name=spec.name,
+                                         storage=optuna.storages.RDBStorage(optuna_url))
             print(f"[oodlab] study {spec.name}: {n} trials, space {spec.space}, target {spec.metric} ({spec.mode})",
                   flush=True)
             tuner = tune.Tuner(
@@ -220,27 +306,32 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
                                             max_concurrent_trials=args.max_concurrent or None,
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(results / "ray"), callbacks=[callback],
+                    name=spec.name, storage_path=ray_root, callbacks=[callback],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    failure_config=tune.FailureConfig(max_failures=1), verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1,
                 ),
             )
         t0 = time.time()
         grid = tuner.fit()
-        stale = reconcile_optuna(optuna_url, spec.name)
         rows = summarize(grid, spec)
-        print(format_table(rows, spec), flush=True)
+        table = format_table(rows, spec)
+        print(table, flush=True)
+        n = optuna.load_study(study_name=spec.name, storage=optuna_url).user_attrs.get("num_samples", len(grid))
+        if len(grid) < n or grid.num_terminated + grid.num_errors < len(grid):
+            tracking.finish_study(mlflow_uri, parent, {}, {"trials.md": table}, status="KILLED")
+            raise StudyInterrupted(f"study {spec.name} interrupted; its state is saved: rerun with --resume")
+        stale = reconcile_optuna(optuna_url, spec.name)
         if stale:
             print(f"[oodlab] marked {stale} orphaned Optuna trial(s) FAIL", flush=True)
-        finished = [r for r in rows if r.get(spec.metric) is not None]
+        finished = [r for r in rows if isinstance(r.get(spec.metric), float) and math.isfinite(r[spec.metric])]
         best = max(finished, key=lambda r: r[spec.metric] * (1 if spec.mode == "max" else -1), default=None)
         if best:
             print(f"[oodlab] best {spec.metric} = {best[spec.metric]:.4f} with "
                   + ", ".join(f"{k}={best[k]}" for k in spec.space), flush=True)
         tracking.finish_study(mlflow_uri, parent,
-                              {"trials_finished": len(finished), "wall_s": time.time() - t0,
-                               **({f"best_{spec.metric}": best[spec.metric]} if best else {})},
-                              {"trials.md": format_table(rows, spec)})
+                              {"trials_finished": len(finished), "trials_failed": len(rows) - len(finished),
+                               "wall_s": time.time() - t0, **({f"best_{spec.metric}": best[spec.metric]} if best else {})},
+                              {"trials.md": table})
         print(f"[oodlab] results in {results}\n[oodlab] browse: mlflow ui --backend-store-uri {mlflow_uri}",
               flush=True)
         return rows
@@ -259,7 +350,7 @@ def summarize(grid, spec: StudySpec) -> list[dict[str, Any]]:
         m = r.metrics or {}
         rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in spec.space},
                      "epoch": m.get("epoch"), spec.metric: m.get(spec.metric),
-                     "status": "ERROR" if r.error else "OK"})
+                     "status": "ERROR" if r.error else ("FAILED" if m.get("error") else ("OK" if m.get("done") else "STOPPED"))})
     return sorted(rows, key=lambda r: [str(r[k]) for k in spec.space])
 
 
@@ -292,6 +383,9 @@ def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
     except (StudyError, ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StudyInterrupted as e:
+        print(f"[oodlab] {e}", file=sys.stderr)
+        return 130
     return 0
 
 

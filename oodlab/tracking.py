@@ -36,6 +36,21 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_reachable(uri: str) -> None:
+    """Fail fast (before any compute) when the tracking store cannot be reached."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot use this store"
+        raise ConnectionError(f"cannot reach the MLflow tracking store at {uri}: {type(e).__name__}: {e}") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -> tuple[str, str]:
     """Create (or find) the experiment and the study's parent run, once, before any trial.
 
@@ -44,7 +59,8 @@ def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -
     """
     client = _client(uri)
     exp = client.get_experiment_by_name(study)
-    exp_id = exp.experiment_id if exp else client.create_experiment(study, artifact_location=artifacts.resolve().as_uri())
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        study, artifact_location=artifacts.resolve().as_uri() if uri.startswith("sqlite:") else None)
     runs = client.search_runs([exp_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
     if runs:
         run_id = runs[0].info.run_id
@@ -56,7 +72,8 @@ def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -
     return exp_id, run_id
 
 
-def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str]) -> None:
+def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str],
+                 status: str = "FINISHED") -> None:
     """Log the study's summary metrics and text files to the parent run and close it."""
     client = _client(uri)
     for k, v in summary.items():
@@ -65,7 +82,7 @@ def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: d
         for name, text in files.items():
             (Path(d) / name).write_text(text)
             client.log_artifact(parent_run_id, str(Path(d) / name))
-    client.set_terminated(parent_run_id, "FINISHED")
+    client.set_terminated(parent_run_id, status)
 
 
 def numeric(result: dict[str, Any]) -> dict[str, float]:
@@ -130,13 +147,22 @@ class MLflowCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        error = (trial.last_result or {}).get("error")
+        if error:  # the trainable ended the trial itself (e.g. the loss diverged)
+            self.client.set_tag(run_id, "oodlab.error", str(error)[:5000])
+            self.client.set_terminated(run_id, "FAILED")
+            return
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
                 self._log_artifacts(run_id, Path(d))
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self._run_for(trial), "FAILED")
+        run_id = self._run_for(trial)
+        err = trial.get_error()
+        if err is not None:
+            self.client.set_tag(run_id, "oodlab.error", str(err)[-5000:])
+        self.client.set_terminated(run_id, "FAILED")
 
     def _log_artifacts(self, run_id: str, ckpt: Path) -> None:
         if not (ckpt / SCORES_FILE).exists():

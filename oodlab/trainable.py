@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from oodlab.experiment import build
+from oodlab.experiment import build, build_config
 
 STATE_FILE = "state.pt"
 SCORES_FILE = "scores.npz"
@@ -47,7 +47,12 @@ def train(config: dict[str, Any]) -> None:
             exp.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=exp.device, weights_only=True))
     metrics: dict[str, float] = {}
     while not exp.done:
-        res = exp.step()
+        try:
+            res = exp.step()
+        except FloatingPointError as e:  # diverged: end this trial as failed, not retried
+            nan = {k: float("nan") for k in build_config(config).metric_names()}
+            tune.report({"epoch": exp.epoch + 1, **nan, "error": str(e)})
+            return
         metrics = res.metrics or metrics  # between evaluations, repeat the latest table
         with tempfile.TemporaryDirectory() as d:
             torch.save(exp.state_dict(), Path(d) / STATE_FILE)

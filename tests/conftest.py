@@ -1,7 +1,13 @@
-"""Shared test setup: offline data root, no downloads, quiet local Ray."""
+"""Shared test setup: offline data root, no downloads, quiet local Ray; helpers for
+tests that run real studies as subprocesses."""
 
 import os
+import signal
+import sqlite3
+import tempfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OODLAB_DATA_DIR", str(REPO.parent / "shared" / "data"))
@@ -12,3 +18,47 @@ if not (Path(os.environ["OODLAB_DATA_DIR"]) / "FashionMNIST" / "raw").is_dir():
         f"offline data not found at OODLAB_DATA_DIR={os.environ['OODLAB_DATA_DIR']}; "
         "point it at a folder with the torchvision layout (e.g. ../shared/data)"
     )
+
+
+def study_env(ray_tmp: str) -> dict:
+    """Environment for a study subprocess whose Ray session lives under ``ray_tmp``."""
+    return {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+
+
+def kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
+    """Kill what a killed driver leaves behind: its process group and Ray's daemons, by pid."""
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="ignore")
+                env = (proc / "environ").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if ray_tmp in cmd or f"RAY_TMPDIR={ray_tmp}" in env:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def optuna_states(db: Path) -> list[str]:
+    """States of all Optuna trials in a storage file, read with sqlite3 (cheap to poll)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as c:
+        try:
+            return [r[0] for r in c.execute("select state from trials")]
+        except sqlite3.OperationalError:
+            return []
+
+
+@pytest.fixture
+def ray_tmp():
+    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    yield d
+    kill_leftovers(d)

@@ -5,65 +5,22 @@ systems (Tune's trial folders, Optuna's storage, MLflow's runs), not ``can_resto
 """
 
 import json
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import kill_leftovers, optuna_states, study_env
+
 from oodlab import data
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 SHIFTS = [2.0, 4.0, 6.0, 8.0]
-
-
-def _env(ray_tmp: str) -> dict:
-    return {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-
-
-def _kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
-    """Kill what a SIGKILLed driver leaves behind: its process group and Ray's daemons, by pid."""
-    if pgid is not None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().decode(errors="ignore")
-                env = (proc / "environ").read_bytes().decode(errors="ignore")
-            except OSError:
-                continue
-            if ray_tmp in cmd or f"RAY_TMPDIR={ray_tmp}" in env:
-                try:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-
-def _optuna_states(db: Path) -> list[str]:
-    if not db.exists():
-        return []
-    with sqlite3.connect(db) as c:
-        try:
-            return [r[0] for r in c.execute("select state from trials")]
-        except sqlite3.OperationalError:
-            return []
-
-
-@pytest.fixture
-def ray_tmp():
-    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    yield d
-    _kill_leftovers(d)
 
 
 @pytest.mark.slow
@@ -74,22 +31,22 @@ def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
     storage = tmp_path / "results"
     args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "e2e", "--shifts", "2,4,6,8",
             "--epochs", "3", "--train-n", "1500", "--test-n", "200", "--ood", f"mnist,npz:{npz}"]
-    proc = subprocess.Popen(args, env=_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 240
-    while _optuna_states(storage / "optuna.db").count("COMPLETE") < 1:
+    while optuna_states(storage / "optuna.db").count("COMPLETE") < 1:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.time() < deadline, "no trial finished in time"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # the driver only, mid-study
     proc.wait()
-    _kill_leftovers(ray_tmp, proc.pid)
-    done_at_kill = _optuna_states(storage / "optuna.db").count("COMPLETE")
+    kill_leftovers(ray_tmp, proc.pid)
+    done_at_kill = optuna_states(storage / "optuna.db").count("COMPLETE")
     assert done_at_kill < len(SHIFTS), "the kill came too late to test resume"
     finished_dirs = {p.parent.name for p in (storage / "ray" / "e2e").glob("trial_*/result.json")
                      if len(p.read_text().splitlines()) == 3}
 
-    out = subprocess.run(args + ["--resume"], env=_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "best auroc_mnist_bpd" in out.stdout
 
@@ -133,7 +90,7 @@ def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
 def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp):
     storage = tmp_path / "results"
     out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--gpus-per-trial", "0.5"],
-                         env=_env(ray_tmp), capture_output=True, text=True, timeout=120)
+                         env=study_env(ray_tmp), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "GPUs" in out.stderr and "--gpus-per-trial 0" in out.stderr
     assert not storage.exists(), "a refused study must write nothing"

@@ -1,0 +1,151 @@
+"""Fault tolerance and bad input, for real: diverging trials, Ctrl-C, a worker killed on a
+multi-node cluster (ray.cluster_utils.Cluster), corrupt or foreign state, unusable stores."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import kill_leftovers, optuna_states, study_env
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "negprior_shift.py"
+TINY = ["--epochs", "3", "--train-n", "600", "--test-n", "100"]
+
+# A study file whose grid has one trial that diverges at epoch 2 (fail_at_epoch).
+NAN_STUDY = textwrap.dedent("""
+    import sys
+    from oodlab.study import StudySpec, common_overrides, main
+    def configure(p): pass
+    def build(args):
+        fixed = dict(epochs=3, train_n=400, test_n=100, **common_overrides(args))
+        return StudySpec(name=args.name or "nan", fixed=fixed, space={"fail_at_epoch": [None, 2]},
+                         metric="auroc_mnist_bpd")
+    sys.exit(main(__file__, build, configure))
+""")
+
+
+def _run(args, ray_tmp, timeout=300):
+    return subprocess.run([sys.executable, *map(str, args)], env=study_env(ray_tmp), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def _epochs(trial_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_diverging_trial_fails_with_reason_and_study_goes_on(tmp_path, ray_tmp):
+    script = tmp_path / "nan_study.py"
+    script.write_text(NAN_STUDY)
+    out = _run([script, "--storage", tmp_path / "r"], ray_tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{tmp_path / 'r' / 'optuna.db'}")
+    by_param = {t.params["fail_at_epoch"]: t for t in study.trials}
+    assert by_param[None].state.name == "COMPLETE"
+    assert by_param[2].state.name == "FAIL" and "nan" in by_param[2].user_attrs["error"]
+    assert by_param[2].user_attrs["ray_trial_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("nan").experiment_id], "tags.`oodlab.role` = 'trial'")
+    status = {r.data.params["fail_at_epoch"]: (r.info.status, r.data.tags.get("oodlab.error", "")) for r in runs}
+    assert status["None"][0] == "FINISHED"
+    assert status["2"][0] == "FAILED" and "epoch 2" in status["2"][1]
+    # the failed trial ran epoch 1 only: no retry of a deterministic divergence
+    assert [m.step for m in client.get_metric_history(next(r.info.run_id for r in runs if r.data.params["fail_at_epoch"] == "2"), "loss")] == [1]
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_then_resume_completes(tmp_path, ray_tmp):
+    args = [sys.executable, STUDY, "--storage", tmp_path / "r", "--name", "ctrlc", "--shifts", "2,4,6", *TINY,
+            "--max-concurrent", "1"]
+    proc = subprocess.Popen(list(map(str, args)), env=study_env(ray_tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 180
+    while optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") < 1:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    rc = proc.wait(timeout=120)
+    log = proc.stdout.read().decode()
+    kill_leftovers(ray_tmp, proc.pid)
+    assert rc == 130, log[-3000:]
+    assert "--resume" in log
+    out = _run([STUDY, "--storage", tmp_path / "r", "--name", "ctrlc", "--shifts", "2,4,6", *TINY, "--resume"], ray_tmp)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    states = optuna_states(tmp_path / "r" / "optuna.db")
+    assert states.count("COMPLETE") == 3 and "RUNNING" not in states
+    for d in (tmp_path / "r" / "ray" / "ctrlc").glob("trial_*"):
+        assert sorted(set(_epochs(d))) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, monkeypatch):
+    """Two Ray nodes in one machine; the worker of a running trial is SIGKILLed after its
+    first epoch; the trial restarts on a fresh worker from its checkpoint, not from epoch 1."""
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        args = [sys.executable, STUDY, "--storage", tmp_path / "r", "--name", "kill", "--shifts", "2,8",
+                "--epochs", "6", "--train-n", "1500", "--test-n", "100", "--address", cluster.address]
+        proc = subprocess.Popen(list(map(str, args)), env=study_env(ray_tmp), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        exp = tmp_path / "r" / "ray" / "kill"
+        deadline, victim = time.time() + 180, None
+        while victim is None:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+            for d in exp.glob("trial_*"):
+                if (d / "result.json").exists() and (d / "result.json").read_text().strip():
+                    last = json.loads((d / "result.json").read_text().splitlines()[-1])
+                    if last["epoch"] < 6:
+                        victim = (d, last["pid"], last["epoch"])
+                        break
+            time.sleep(0.1)
+        import os
+
+        os.kill(victim[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode()[-3000:]
+        epochs = _epochs(victim[0])
+        assert epochs[-1] == 6 and epochs.count(1) == 1, f"trial restarted from scratch: {epochs}"
+        assert optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") == 2
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_corrupt_or_foreign_state_refused_on_resume(tmp_path, ray_tmp):
+    base = [STUDY, "--storage", tmp_path / "r", "--name", "c", "--shifts", "2", "--epochs", "1",
+            "--train-n", "300", "--test-n", "100"]
+    assert _run(base, ray_tmp).returncode == 0
+    state = next((tmp_path / "r" / "ray" / "c").glob("trial_*/checkpoint_*/state.pt"))
+    state.write_bytes(b"not a checkpoint")
+    out = _run(base + ["--resume"], ray_tmp)
+    assert out.returncode == 2 and "cannot be loaded" in out.stderr and str(state) in out.stderr
+    (tmp_path / "r" / "ray" / "foreign").mkdir()
+    out = _run(base[:4] + ["foreign", "--resume"], ray_tmp)
+    assert out.returncode == 2 and "no Ray Tune experiment state" in out.stderr
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--storage", "/etc/passwd/results"], "not a writable directory"),
+    (["--mlflow-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking store"),
+    (["--gpus-per-trial", "1.5"], "whole number"),
+    (["--decoder", "laplace"], "invalid choice"),
+    (["--epochs", "two"], "invalid int value"),
+])
+def test_unusable_stores_and_bad_flags_are_refused(tmp_path, ray_tmp, flags, match):
+    out = _run([STUDY, "--smoke", "--storage", tmp_path / "r", *flags], ray_tmp, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert match in out.stderr
+    assert not (tmp_path / "r").exists()
