@@ -29,7 +29,9 @@ def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
     mnist = data.load("mnist", "test")
     np.savez(npz, x=mnist.x[-300:, 0].numpy())  # a user set, N×H×W uint8
     storage = tmp_path / "results"
+    nfs = tmp_path / "nfs"  # checkpoints on a separate (shared) path, as on a cluster
     args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "e2e", "--shifts", "2,4,6,8",
+            "--checkpoint-storage", str(nfs),
             "--epochs", "3", "--train-n", "1500", "--test-n", "200", "--ood", f"mnist,npz:{npz}"]
     proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -43,7 +45,7 @@ def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
     kill_leftovers(ray_tmp, proc.pid)
     done_at_kill = optuna_states(storage / "optuna.db").count("COMPLETE")
     assert done_at_kill < len(SHIFTS), "the kill came too late to test resume"
-    finished_dirs = {p.parent.name for p in (storage / "ray" / "e2e").glob("trial_*/result.json")
+    finished_dirs = {p.parent.name for p in (nfs / "e2e").glob("trial_*/result.json")
                      if len(p.read_text().splitlines()) == 3}
 
     out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
@@ -51,7 +53,7 @@ def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
     assert "best auroc_mnist_bpd" in out.stdout
 
     # Ray: every trial reached epoch 3; trials finished before the kill were not re-run.
-    trial_dirs = sorted((storage / "ray" / "e2e").glob("trial_*"))
+    trial_dirs = sorted((nfs / "e2e").glob("trial_*"))
     assert len(trial_dirs) == len(SHIFTS)
     for d in trial_dirs:
         epochs = [json.loads(line)["epoch"] for line in (d / "result.json").read_text().splitlines()]

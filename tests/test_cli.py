@@ -1,0 +1,49 @@
+"""The `oodlab` command and cluster.yaml (validated by Ray's own schema, no cloud calls)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_validates_with_ray_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    workers = cfg["available_node_types"]["gpu_worker"]
+    assert workers["resources"]["GPU"] >= 1 and workers["min_workers"] == 0
+    assert any("mlflow server --host 127.0.0.1" in c for c in cfg["head_setup_commands"])  # localhost only
+    text = (REPO / "cluster.yaml").read_text()
+    assert not any(k in text for k in ("aws_secret_access_key", "aws_access_key_id", "AKIA"))  # no credentials
+
+
+def _oodlab(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "oodlab.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli_errors_and_list(tmp_path):
+    out = _oodlab("run", "no_such_study")
+    assert out.returncode != 0 and "unknown study 'no_such_study'" in out.stderr and "negprior_shift" in out.stderr
+    out = _oodlab("list", "--storage", tmp_path)
+    assert out.returncode == 1 and "no studies" in out.stdout
+    out = _oodlab("ui", "--storage", tmp_path)
+    assert out.returncode == 2 and "no MLflow store" in out.stderr
+    import optuna
+
+    s = optuna.create_study(study_name="demo", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    s.enqueue_trial({"x": 1.0})
+    s.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=2)
+    out = _oodlab("list", "--storage", tmp_path)
+    assert out.returncode == 0
+    row = next(line for line in out.stdout.splitlines() if line.startswith("demo"))
+    assert row.split()[1:4] == ["2", "0", "0"] and row.split()[5] == "no"
+
+
+def test_cli_run_passes_flags_through(tmp_path):
+    out = _oodlab("run", "negprior_shift", "--smoke", "--storage", tmp_path / "r", "--ood", "bogus")
+    assert out.returncode == 2 and "unknown dataset 'bogus'" in out.stderr
