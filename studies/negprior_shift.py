@@ -34,8 +34,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ood", default="mnist", help="OOD set(s), comma-separated; npz:PATH works (default mnist)")
     g.add_argument("--aux", default="notmnist", help="auxiliary negatives (paper: emnist_letters; default notmnist)")
     g.add_argument("--aux-split", default="test", choices=("train", "test"), help="split of --aux (offline notMNIST: test)")
-    g.add_argument("--negatives", default="aux", choices=("aux", "none"), help="negative source (none = baseline)")
-    g.add_argument("--decoder", default="bernoulli", choices=("bernoulli", "gaussian"), help="noise model")
+    g.add_argument("--negatives", default="aux", help="negative source: aux | none (baseline); a comma list "
+                   "(e.g. none,aux) makes it a grid dimension")
+    g.add_argument("--decoder", default="bernoulli", help="noise model: bernoulli | gaussian; a comma list "
+                   "makes it a grid dimension")
     g.add_argument("--shifts", help="comma-separated shifts (default: paper grid for gray / color data)")
     g.add_argument("--neg-weight", type=float, default=1.0, help="weight of the negatives' KL term")
     g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 as the paper does")
@@ -51,15 +53,17 @@ def build(args: argparse.Namespace) -> StudySpec:
     shifts = [float(s) for s in args.shifts.split(",")] if args.shifts else (COLOR_SHIFTS if color else GRAY_SHIFTS)
     if args.smoke and not args.shifts:
         shifts = [shifts[0], shifts[3]]
-    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, aux_split=args.aux_split, negatives=args.negatives,
-                 decoder=args.decoder, neg_weight=args.neg_weight, pad=args.pad, batch_size=args.batch_size,
+    listed = {"negatives": args.negatives.split(","), "decoder": args.decoder.split(",")}
+    grid = {k: v for k, v in listed.items() if len(v) > 1}
+    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, aux_split=args.aux_split,
+                 **{k: v[0] for k, v in listed.items() if len(v) == 1}, neg_weight=args.neg_weight, pad=args.pad, batch_size=args.batch_size,
                  lr=args.lr, optimizer=args.optimizer, iwae_k=args.iwae_k, eval_every=args.eval_every,
                  **common_overrides(args))
     ood_first = data.split_specs(args.ood)[0]
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,
-        space={"shift": shifts, "seed": list(range(args.seeds))},
+        space={**grid, "shift": shifts, "seed": list(range(args.seeds))},
         metric=metric_name("auroc", ood_first, "bpd"),
         paper=PAPER,
     )
