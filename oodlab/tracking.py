@@ -135,14 +135,15 @@ class MLflowCallback(tune.Callback):
         self._run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if step <= self._last_step.get(trial.trial_id, 0):
             return  # already logged before a crash
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(result).items()])
+        tags = [RunTag("device", str(result["device"]))] if "device" in result and step == 1 else []
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(result).items()], tags=tags)
         self._last_step[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -61,5 +61,5 @@ def train(config: dict[str, Any]) -> None:
                 (Path(d) / METRICS_FILE).write_text(json.dumps(res.metrics, indent=1, sort_keys=True))
                 (Path(d) / ARTIFACTS_DIR).mkdir()
                 exp.write_artifacts(Path(d) / ARTIFACTS_DIR)
-            report = {"epoch": res.epoch, "epoch_s": res.seconds, **res.train, **metrics}
+            report = {"epoch": res.epoch, "epoch_s": res.seconds, "device": str(exp.device), **res.train, **metrics}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
