@@ -53,7 +53,7 @@ class TrialConfig:
     lr: float = 1e-4
     seed: int = 0
     # --- evaluation ---
-    eval_every: int = 1  # evaluate after epoch 1, every k epochs, and after the last
+    eval_every: int = 1  # evaluate every k epochs and after the last
     eval_batch_size: int = 1000
     device: str = "auto"  # "auto" = cuda if visible, else cpu
     fail_at_epoch: int | None = None  # fault injection (tests): the loss "diverges" at this epoch
@@ -198,7 +198,7 @@ class Experiment:
             raise FloatingPointError(f"loss became nan in epoch {self.epoch + 1} (injected by fail_at_epoch)")
         res = EpochResult(self.epoch + 1, self.train_epoch())
         self.epoch = res.epoch
-        if self.epoch == 1 or self.epoch % self.cfg.eval_every == 0 or self.done:
+        if self.epoch % self.cfg.eval_every == 0 or self.done:
             res.metrics, res.scores = self.evaluate()
         res.seconds = time.perf_counter() - t0
         return res

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from oodlab.experiment import build, build_config
+from oodlab.experiment import build
 
 STATE_FILE = "state.pt"
 SCORES_FILE = "scores.npz"
@@ -45,12 +45,13 @@ def train(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             exp.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=exp.device, weights_only=True))
-    metrics: dict[str, float] = {}
+    # Until the first evaluation every metric reads NaN: the searcher needs its key in each report.
+    metrics: dict[str, float] = {k: float("nan") for k in exp.cfg.metric_names()}
     while not exp.done:
         try:
             res = exp.step()
         except FloatingPointError as e:  # diverged: end this trial as failed, not retried
-            nan = {k: float("nan") for k in build_config(config).metric_names()}
+            nan = {k: float("nan") for k in exp.cfg.metric_names()}
             tune.report({"epoch": exp.epoch + 1, **nan, "error": str(e)})
             return
         metrics = res.metrics or metrics  # between evaluations, repeat the latest table

@@ -1,0 +1,270 @@
+"""Mixture priors against the OOD likelihood problem (Kamoi & Kobayashi, papers 001/003).
+
+The standard prior N(0, I) is replaced by an untrainable uniform mixture
+p(z) = (1/K) Σ_i p_i(z) of unit-variance Gaussian or generalized-Gaussian (β) components
+placed d apart (``oodlab.mixture_priors``). Before training every ID image is assigned a
+component, by class label or by k-means on its pixels (§4); during training its latent
+is pulled to that component only:
+
+    L(x) = −E_q[log p(x|z)] + KL( q(z|x) || p_{c(x)} )
+
+while test likelihoods use the full mixture, estimated by importance sampling with the
+encoder as proposal (Appendix B, 5000 samples in the paper; ``is_samples`` here):
+
+    log p(x) ≈ logsumexp_k [ log p(x|z_k) + log p(z_k) − log q(z_k|x) ] − log k
+
+Score ``nll`` = −log p(x) in nats (higher = more OOD). Evaluation also reports the
+mean NLL of every set and the OOD-minus-ID gap (``nll_gap_<ood>``; paper Table 1 gives
+MNIST's mean NLL). ``components=1`` is the standard-prior baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodlab import data
+from oodlab.experiment import Experiment as BaseExperiment
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, load_sets, resolve_device, set_key
+from oodlab.mixture_priors import FAMILIES, MixturePrior
+from oodlab.plots import _pyplot
+from oodlab.models.mixture_vae import ARCHS, CatVAE, CatVAEConfig
+from oodlab.priors import log_normal
+from oodlab.scores import reparameterize
+
+MODELS = ("vae",)
+ASSIGNMENTS = ("labels", "kmeans")
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def assign_by_labels(y: torch.Tensor, components: int) -> torch.Tensor:
+    """Component of each image = rank of its label among the sorted distinct labels."""
+    classes = torch.unique(y)  # sorted
+    if len(classes) != components:
+        raise ConfigError(f"assignment=labels needs one component per class: the ID training set has "
+                          f"{len(classes)} classes {classes.tolist()} but components={components}")
+    return torch.searchsorted(classes, y)
+
+
+def assign_by_kmeans(x: torch.Tensor, components: int, seed: int) -> torch.Tensor:
+    """k-means (scikit-learn, k-means++ init, as paper Appendix E) on flattened [0,1] pixels."""
+    from sklearn.cluster import KMeans
+
+    flat = data.to_float(x).flatten(1).cpu().numpy()
+    km = KMeans(n_clusters=components, n_init=4, random_state=seed).fit(flat)
+    return torch.from_numpy(km.labels_.astype(np.int64)).to(x.device)
+
+
+def loss(model: CatVAE, prior: MixturePrior, x: torch.Tensor, comp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch-mean negative ELBO with each image's own component as prior; parts as scalars."""
+    mu, logvar = model.encode(x)
+    z = reparameterize(mu, logvar)
+    rec = model.log_px(x, model.decode(z))
+    kl = prior.kl_assigned(mu, logvar, z, comp)
+    nelbo = (kl - rec).mean()
+    return {"loss": nelbo, "rec": -rec.mean(), "kl": kl.mean()}
+
+
+@torch.no_grad()
+def is_log_likelihood(model: CatVAE, prior: MixturePrior, x: torch.Tensor, k: int,
+                      generator: torch.Generator | None = None, max_rows: int = 2048) -> torch.Tensor:
+    """Importance-sampled log p(x) under the full mixture prior, k samples from q(z|x); (B,).
+
+    Images are processed in groups so one decoder call sees at most ``max_rows`` latents.
+    """
+    out = []
+    group = max(1, max_rows // k)
+    for i in range(0, len(x), group):
+        xb = x[i : i + group]
+        mu, logvar = model.encode(xb)
+        b, d = mu.shape
+        mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (b·k, D)
+        z = reparameterize(mu_k, logvar_k, generator)
+        log_w = model.log_px(xb.repeat_interleave(k, 0), model.decode(z)) + prior.log_prob(z) - log_normal(z, mu_k, logvar_k)
+        out.append(torch.logsumexp(log_w.view(b, k), dim=1) - math.log(k))
+    return torch.cat(out)
+
+
+def nll_summary(scores: Scores, oods: tuple[str, ...]) -> dict[str, float]:
+    """Mean NLL of the ID test set and of each OOD set, and each OOD-minus-ID gap (nats)."""
+    mean_id = float(np.mean(scores["id"]["nll"]))
+    out = {"nll_mean_id": mean_id}
+    for spec in oods:
+        m = float(np.mean(scores[set_key(spec)]["nll"]))
+        out[f"nll_mean_{set_key(spec)}"] = m
+        out[f"nll_gap_{set_key(spec)}"] = m - mean_id
+    return out
+
+
+def nll_by_component_figure(scores: Scores, comps: dict[str, np.ndarray], k: int, path: Path) -> None:
+    """One panel per prior component: NLL histograms of ID test vs each OOD set, each image
+    counted under the component nearest its posterior mean (paper Fig. 4 / 14, split by mode)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, k, figsize=(4.5 * k, 3.5), squeeze=False)
+    values = np.concatenate([d["nll"] for d in scores.values()])
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
+    for i, ax in enumerate(axes[0]):
+        for name, d in scores.items():
+            sel = d["nll"][comps[name] == i]
+            ax.hist(np.clip(sel, lo, hi), bins=bins, alpha=0.5, label=f"{name} (n={sel.size})")
+        ax.set(title=f"component {i}", xlabel="NLL (nats, higher = more OOD)", ylabel="images")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def latent_axis_figure(axis0: dict[str, np.ndarray], path: Path) -> None:
+    """Histogram of the posterior means' first coordinate per set (paper Fig. 5 / 17)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, v in axis0.items():
+        ax.hist(v, bins=60, alpha=0.5, density=True, label=name)
+    ax.set(title="posterior mean, latent axis 0", xlabel="μ_0")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- config + experiment
+
+@dataclass(frozen=True)
+class Config(TrialConfig):
+    id: str = "fashion_mnist[labels=1,7]"  # paper §5.3: Trouser and Sneaker
+    lr: float = 1e-3  # paper: Adam(β1=0.5, β2=0.9), constant 1e-3
+    # --- model ---
+    model: str = "vae"  # "vae" (Table 2/3 with 256-way categorical decoder)
+    arch: str = "auto"  # "gray" (Table 2) | "color" (Table 3) | "auto" (color for 3-channel data)
+    latent_dim: int = 50  # paper: 50 gray, 100 color
+    # --- prior ---
+    family: str = "gaussian"  # component family: "gaussian" | "gen_gaussian"
+    beta: float = 4.0  # generalized-Gaussian shape (paper: 4); unused for gaussian
+    components: int = 2  # K; 1 = standard N(0, I) prior (the baseline)
+    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2) or d·e_i (K > 2); paper VAE: 150
+    assignment: str = "labels"  # how training images get components: "labels" | "kmeans"
+    # --- evaluation ---
+    is_samples: int = 64  # importance samples per test image (paper: 5000)
+    is_max_rows: int = 2048  # latents per decoder call during importance sampling (memory knob)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check([
+            (self.model in MODELS, f"model must be one of {MODELS}; got {self.model!r}"),
+            (self.arch in ("auto", *ARCHS), f"arch must be one of auto, {', '.join(ARCHS)}; got {self.arch!r}"),
+            (self.family in FAMILIES, f"family must be one of {FAMILIES}; got {self.family!r}"),
+            (self.assignment in ASSIGNMENTS, f"assignment must be one of {ASSIGNMENTS}; got {self.assignment!r}"),
+            (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
+            (0.1 <= self.beta <= 100, f"beta must be in [0.1, 100], got {self.beta}"),
+            (self.components >= 1, f"components must be >= 1, got {self.components}"),
+            (self.components <= 2 or self.components <= self.latent_dim,
+             f"components={self.components} at d·e_i need latent_dim >= components, got {self.latent_dim}"),
+            (0 <= self.distance <= 10_000, f"distance must be in [0, 10000], got {self.distance}"),
+            (self.is_samples >= 1, f"is_samples must be >= 1, got {self.is_samples}"),
+            (self.is_max_rows >= 1, f"is_max_rows must be >= 1, got {self.is_max_rows}"),
+        ])
+
+    def score_names(self) -> tuple[str, ...]:
+        return ("nll",)
+
+    def metric_names(self) -> list[str]:
+        keys = [set_key(o) for o in self.ood]
+        return super().metric_names() + ["nll_mean_id"] + [f"nll_{w}_{k}" for k in keys for w in ("mean", "gap")]
+
+
+class Experiment(BaseExperiment):
+    """Data, component assignment, VAE, optimizer and progress of one mixture-prior trial."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
+        torch.manual_seed(cfg.seed)
+        train, self.test = load_sets(cfg, self.device)
+        self.train_x = train.x  # (N, C, H, W) uint8 on device
+        c, h, _ = self.train_x.shape[1:]
+        arch = cfg.arch if cfg.arch != "auto" else ("color" if c == 3 else "gray")
+        try:
+            self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, cfg.latent_dim, cfg.beta, self.device)
+        self.comp = self._assign(train)  # (N,) component of each training image
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # batch order
+        self._last: dict[str, Any] | None = None  # latest evaluation, for write_artifacts
+
+    def _assign(self, train: data.ImageSet) -> torch.Tensor:
+        k = self.cfg.components
+        if k == 1:
+            return torch.zeros(len(train), dtype=torch.long, device=self.device)
+        if self.cfg.assignment == "labels":
+            if train.y is None:
+                raise ConfigError(f"assignment=labels but {self.cfg.id!r} has no labels; use assignment=kmeans")
+            return assign_by_labels(train.y, k)
+        return assign_by_kmeans(train.x, k, self.cfg.seed)
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
+            parts = loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
+            self.opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            self.opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            n += 1
+        out = {k: float(v) / n for k, v in sums.items()}
+        if not math.isfinite(out["loss"]):
+            raise FloatingPointError(f"loss became {out['loss']} in epoch {self.epoch + 1}; try a smaller lr")
+        return out
+
+    @torch.no_grad()
+    def score(self) -> Scores:
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        out, comps, axis0 = {}, {}, {}
+        for name, s in self.test.items():
+            nll, mus = [], []
+            for i in range(0, len(s), self.cfg.eval_batch_size):
+                x = data.to_float(s.x[i : i + self.cfg.eval_batch_size])
+                nll.append(-is_log_likelihood(self.model, self.prior, x, self.cfg.is_samples, gen, self.cfg.is_max_rows))
+                mus.append(self.model.encode(x)[0])
+            mu = torch.cat(mus)
+            out[name] = {"nll": torch.cat(nll).cpu().numpy()}
+            comps[name] = self.prior.nearest(mu).cpu().numpy()
+            axis0[name] = mu[:, 0].cpu().numpy()
+        self._last = {"scores": out, "comps": comps, "axis0": axis0}
+        return out
+
+    def evaluate(self) -> tuple[dict[str, float], Scores]:
+        table, scores = super().evaluate()
+        return {**table, **nll_summary(scores, self.cfg.ood)}, scores
+
+    def write_artifacts(self, folder: Path) -> None:
+        """``nll_by_component.png`` (ID vs OOD NLL per nearest component) and ``latent_axis0.png``."""
+        if self._last is None:
+            self.score()
+        nll_by_component_figure(self._last["scores"], self._last["comps"], self.prior.components,
+                                folder / "nll_by_component.png")
+        latent_axis_figure(self._last["axis0"], folder / "latent_axis0.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "epoch": self.epoch,
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "comp": self.comp.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.epoch = int(state["epoch"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.comp = state["comp"].to(self.device)
