@@ -1,0 +1,283 @@
+"""Paper 002 (CVAE OOD generation): Type I/II geometry, the classifier baselines on toy
+problems with closed-form answers, a tiny real trial, and the study end to end."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2
+
+from conftest import study_env
+
+from oodlab.experiment import ConfigError, build_config, run_trial
+from oodlab.methods import classifier_baselines as cb
+from oodlab.methods import oodgen as og
+from oodlab.models.classifier import Classifier
+from oodlab.models.cvae import CVAE, CVAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "cvae_oodgen.py"
+
+
+@pytest.fixture
+def cvae():
+    torch.manual_seed(0)
+    return CVAE(CVAEConfig(n_classes=3, size=12, latent_dim=4, hidden=32)).eval()  # D = 144: cheap Jacobians
+
+
+# ---------------------------------------------------------------- Type I
+
+def _jacobian(model, z1, y1):
+    """Reference Jacobian of one sample with torch.autograd.functional (reverse mode, no vmap): (D, d)."""
+    c = model.onehot(y1[None])
+    return torch.autograd.functional.jacobian(lambda z: torch.sigmoid(model.decode_logits(z[None], c)).flatten(), z1)
+
+
+def test_decoder_jacobian_matches_autograd(cvae):
+    z, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    ref = torch.stack([_jacobian(cvae, z[i], y[i]) for i in range(3)])
+    torch.testing.assert_close(og.decoder_jacobian(cvae, z, y, "fwd"), ref, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(og.decoder_jacobian(cvae, z, y, "rev"), ref, atol=1e-6, rtol=1e-4)
+
+
+def test_type1_perturbation_lies_in_jacobian_left_null_space(cvae):
+    torch.manual_seed(1)
+    x, y = torch.rand(5, 1, 12, 12), torch.tensor([0, 1, 2, 0, 1])
+    xt = og.type1(cvae, x, y, 0.3, 0.7, torch.Generator().manual_seed(0))
+    delta = (xt - x).flatten(1).double()  # β·v
+    beta = delta.norm(dim=1)
+    assert ((beta >= 0.3 - 1e-6) & (beta <= 0.7 + 1e-6)).all() and beta.std() > 0
+    with torch.no_grad():
+        mu, _ = cvae.encode(x, y)
+    for i in range(5):  # independent check: full SVD of the autograd Jacobian at z = μ(x, y)
+        jac = _jacobian(cvae, mu[i], y[i]).double()  # (144, 4)
+        v = delta[i] / beta[i]
+        assert (jac.T @ v).norm() / jac.norm() < 1e-6, "v has a tangent component"
+        u_full = torch.linalg.svd(jac, full_matrices=True)[0]
+        null = u_full[:, 4:]  # basis of the left null space (140 vectors)
+        assert (v - null @ (null.T @ v)).norm() < 1e-6, "v is not in span of the null-space basis"
+    # random directions: two draws at the same point differ
+    xt2 = og.type1(cvae, x, y, 0.3, 0.7, torch.Generator().manual_seed(1))
+    assert ((xt2 - x).flatten(1).norm(dim=1) - beta.float()).abs().max() < 0.5
+    assert not torch.allclose(xt2, xt)
+
+
+def test_normal_directions_are_uniform_on_the_null_space():
+    """For J = first d axes, null(Jᵀ) = the other axes: v has zero first d coordinates, isotropic rest."""
+    b, dd, d = 4000, 6, 2
+    jac = torch.zeros(b, dd, d, dtype=torch.float64)
+    jac[:, 0, 0], jac[:, 1, 1] = 3.0, 0.5
+    v = og.normal_directions(jac, torch.Generator().manual_seed(0))
+    assert v[:, :2].abs().max() < 1e-12
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(b, dtype=torch.float64))
+    second = (v[:, 2:].T @ v[:, 2:]) / b  # E[v vᵀ] = I/4 for uniform on the 3-sphere in R^4
+    assert (second - torch.eye(4, dtype=torch.float64) / 4).abs().max() < 0.02
+
+
+# ---------------------------------------------------------------- Type II
+
+def test_latent_gaussians_cholesky_and_95_radius():
+    torch.manual_seed(0)
+    d, n = 5, 20000
+    a = torch.randn(d, d)
+    cov = a @ a.T + 0.5 * torch.eye(d)
+    z = torch.cat([torch.randn(n, d) @ torch.linalg.cholesky(cov).T + 3.0, torch.randn(n, d) - 2.0])
+    y = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    g = og.fit_latent_gaussians(z, y, 2, 0.95)
+    emp = np.cov(z[:n].double().numpy().T)
+    np.testing.assert_allclose((g.chol[0] @ g.chol[0].T).double().numpy(), emp, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(torch.tril(g.chol[0]), g.chol[0])
+    # for Gaussian latents the 95% radius is sqrt(χ²_d quantile); exactly 95% of each class lies within it
+    np.testing.assert_allclose(g.r95.numpy(), np.sqrt(chi2.ppf(0.95, d)), rtol=0.02)
+    r = og.mahalanobis_radius(z, y, g)
+    for c in (0, 1):
+        assert abs((r[y == c] <= g.r95[c]).float().mean().item() - 0.95) < 1e-3
+
+
+def test_type2_latents_lie_outside_the_95_ellipsoid():
+    torch.manual_seed(0)
+    d = 6
+    z = torch.randn(3000, d) @ torch.diag(torch.linspace(0.5, 3.0, d)) + 1.0
+    y = torch.arange(3000) % 3
+    g = og.fit_latent_gaussians(z, y, 3, 0.95)
+    ys = torch.arange(3000) % 3
+    zt = og.type2_latents(g, ys, 2.0, torch.Generator().manual_seed(0))
+    for c in range(3):  # independent Mahalanobis distance with numpy's covariance and inverse
+        zc = z[y == c].double().numpy()
+        prec = np.linalg.inv(np.cov(zc.T) + 1e-6 * np.eye(d))
+        diff = zt[ys == c].double().numpy() - zc.mean(0)
+        dist = np.sqrt(np.einsum("bi,ij,bj->b", diff, prec, diff))
+        r95 = np.quantile(np.sqrt(np.einsum("bi,ij,bj->b", zc - zc.mean(0), prec, zc - zc.mean(0))), 0.95)
+        assert dist.min() >= r95 * (1 - 1e-4), "a Type II latent lies inside the 95% ellipsoid"
+        assert dist.max() <= 2.0 * r95 * (1 + 1e-4) and dist.std() > 0.1 * r95
+        assert (np.sqrt(np.einsum("bi,ij,bj->b", zc - zc.mean(0), prec, zc - zc.mean(0))) <= r95).mean() >= 0.949
+    on_surface = og.type2_latents(g, ys, 1.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(og.mahalanobis_radius(on_surface, ys, g), g.r95[ys], rtol=1e-4, atol=1e-4)
+
+
+def test_type2_samples_decode_to_images(cvae):
+    g = og.fit_latent_gaussians(torch.randn(300, 4), torch.arange(300) % 3, 3)
+    x = og.type2(cvae, g, torch.tensor([0, 1, 2]), 1.5)
+    assert x.shape == (3, 1, 12, 12) and (x >= 0).all() and (x <= 1).all()
+
+
+# ---------------------------------------------------------------- baselines on toy problems
+
+class Linear(torch.nn.Module):
+    """logits = W x on flattened inputs; features = x (identity), so answers are closed-form."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def features(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T
+
+
+def test_odin_matches_closed_form_on_linear_model():
+    torch.manual_seed(0)
+    w, x, t, eps = torch.randn(3, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), 10.0, 0.05
+    model = Linear(w)
+    p = torch.softmax(x @ w.T / t, -1)
+    k = p.argmax(-1)
+    grad = -(w[k] - p @ w) / t  # ∇_x [−log softmax(Wx/T)_k̂]
+    x_ref = x - eps * grad.sign()
+    torch.testing.assert_close(cb.odin_preprocess(model, x, t, eps), x_ref)
+    torch.testing.assert_close(cb.odin(model, x, t, eps), -torch.softmax(x_ref @ w.T / t, -1).amax(-1))
+    # the step raises every sample's top softmax score, and T = 1, ε = 0 is max-softmax
+    assert (cb.odin(model, x, t, eps) < cb.odin(model, x, t, 0.0)).all()
+    torch.testing.assert_close(cb.odin(model, x, 1.0, 0.0), cb.msp(model(x)))
+
+
+def test_mahalanobis_recovers_tied_gaussian_and_scores_closed_form():
+    torch.manual_seed(0)
+    d, n = 3, 20000
+    cov = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 0.5]], dtype=torch.float64)
+    means = torch.tensor([[4.0, 0.0, 0.0], [-4.0, 1.0, 0.0]], dtype=torch.float64)
+    y = torch.arange(2 * n) % 2
+    x = means[y] + torch.randn(2 * n, d, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    det = cb.MahalanobisDetector().fit(Linear(torch.zeros(2, d, dtype=torch.float64)), x, y, 2)
+    torch.testing.assert_close(det.g.means, means, atol=0.05, rtol=0)
+    torch.testing.assert_close(det.g.chol @ det.g.chol.T, cov, atol=0.05, rtol=0)
+    q = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 10.0]], dtype=torch.float64)
+    prec = torch.linalg.inv(det.g.chol @ det.g.chol.T)
+    diff = q[:, None] - det.g.means  # (3, 2, d)
+    ref = torch.einsum("bki,ij,bkj->bk", diff, prec, diff).amin(1)
+    model = Linear(torch.zeros(2, d, dtype=torch.float64))
+    torch.testing.assert_close(det(model, q), ref)
+    assert det(model, q)[0] < 0.01 and det(model, q)[2] > 100  # at a class mean vs far off
+    # preprocessing: x̃ = x − ε·sign(∇ d²_min), ∇ d² = 2 Σ⁻¹ (x − μ_ĉ) with ĉ the nearest class
+    eps = 0.1
+    near = torch.einsum("bki,ij,bkj->bk", diff, prec, diff).argmin(1)
+    x_ref = q - eps * (2 * (q - det.g.means[near]) @ prec).sign()
+    diff_ref = x_ref[:, None] - det.g.means
+    pre = cb.MahalanobisDetector(eps)
+    pre.g = det.g
+    torch.testing.assert_close(pre(model, q), torch.einsum("bki,ij,bkj->bk", diff_ref, prec, diff_ref).amin(1))
+    assert (pre(model, q)[1:] < det(model, q)[1:]).all()  # the step moves points towards their class
+
+
+def test_mahalanobis_requires_fit():
+    with pytest.raises(cb.NotFittedError):
+        cb.MahalanobisDetector()(Linear(torch.zeros(2, 3)), torch.zeros(1, 3))
+
+
+def test_msp_mc_dropout_and_kl_to_uniform():
+    confident, unsure = torch.tensor([[10.0, 0.0, 0.0]]), torch.tensor([[0.1, 0.0, 0.0]])
+    assert cb.msp(unsure) > cb.msp(confident)  # higher = more OOD
+    torch.testing.assert_close(cb.kl_to_uniform(torch.zeros(2, 5)), torch.zeros(2))
+    logits = torch.randn(4, 5)
+    ref = torch.nn.functional.kl_div(logits.log_softmax(-1), torch.full((4, 5), 0.2), reduction="none").sum(-1)
+    torch.testing.assert_close(cb.kl_to_uniform(logits), ref)
+    # no dropout -> every pass equal: mutual information 0, MC score = max-softmax
+    model = Linear(torch.randn(3, 4))
+    x = torch.randn(5, 4)
+    out = cb.mc_dropout(cb.mc_dropout_probs(model, x, 7))
+    torch.testing.assert_close(out["mutual_info"], torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["mc_dropout"], cb.msp(model(x)))
+    # the CNN: trunk reuse gives t different passes, mean over passes near the eval-mode output
+    torch.manual_seed(0)
+    clf = Classifier(3).eval()
+    xi = torch.rand(2, 1, 28, 28)
+    p = cb.mc_dropout_probs(clf, xi, 400)
+    assert p.shape == (400, 2, 3) and p.std(0).min() > 0 and not clf.head[0].training
+    assert (p.mean(0) - clf(xi).softmax(-1)).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------- the trial
+
+def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
+    cfg = dict(method="oodgen", train_n=400, test_n=60, epochs=2, cvae_epochs=1, mc_samples=3, batch_size=100,
+               ood="mnist,uniform_noise", device="cpu")
+    res = run_trial(cfg)
+    names = ("n1_prob", "msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")
+    for ood in ("mnist", "uniform_noise"):
+        for s in names:
+            for m in ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"):
+                assert 0.0 <= res.metrics[f"{m}_{ood}_{s}"] <= 1.0
+    assert res.scores["id"]["n1_prob"].shape == (60,) and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    assert {"acc_n1", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
+    assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
+
+    small = build_config({**cfg, "baselines": False, "train_n": 200})
+    a = og.Experiment(small)
+    a.train_epoch()
+    a.epoch = 1  # what step() does: epoch 2 must not train the CVAE again
+    a.train_epoch()
+    b = og.Experiment(small)
+    b.step()  # train + evaluate: evaluation must not move training's RNG streams
+    torch.save(b.state_dict(), tmp_path / "s.pt")
+    c = og.Experiment(small)
+    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    c.train_epoch()
+    for p, q in zip([*a.cvae.parameters(), *a.clf["n1"].parameters()], [*c.cvae.parameters(), *c.clf["n1"].parameters()]):
+        torch.testing.assert_close(p, q)
+    c.write_artifacts(tmp_path)
+    assert (tmp_path / "ood_samples.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(beta_low=1.0, beta_high=0.5), "beta_low"), (dict(radius_factor=0.9), "radius_factor"),
+    (dict(type1_frac=1.5), "type1_frac"), (dict(optimizer="lbfgs"), "optimizer"),
+    (dict(ood_weight=-1.0), "ood_weight"), (dict(mc_samples=0), "mc_samples"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({"method": "oodgen", **bad})
+
+
+def test_score_names_follow_baselines_flag():
+    assert build_config({"method": "oodgen", "baselines": False}).score_names() == ("n1_prob",)
+    assert "odin" in build_config({"method": "oodgen"}).score_names()
+
+
+# ---------------------------------------------------------------- the study, end to end
+
+@pytest.mark.slow
+def test_smoke_study_logs_metric_table_and_sample_grid(tmp_path, ray_tmp):
+    storage = tmp_path / "results"
+    args = [sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--name", "e2e",
+            "--train-n", "400", "--test-n", "100", "--ood", "mnist,gaussian_noise", "--mc-samples", "2"]
+    out = subprocess.run(args, env=study_env(ray_tmp), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "best fpr95_mnist_n1_prob" in out.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "trial"]
+    assert len(children) == 2 and {r.data.params["radius_factor"] for r in children} == {"1.0", "2.0"}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        for s in ("n1_prob", "msp", "odin", "mahalanobis", "mc_dropout", "confident"):
+            assert 0.0 <= r.data.metrics[f"fpr95_mnist_{s}"] <= 1.0
+            assert 0.0 <= r.data.metrics[f"auroc_gaussian_noise_{s}"] <= 1.0
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"ood_samples.png", "metrics.json", "roc.png", "scores.npz"} <= files
