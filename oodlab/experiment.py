@@ -132,6 +132,11 @@ def metric_table(scores: Scores, oods: tuple[str, ...]) -> dict[str, float]:
     return table
 
 
+def auto_arch(arch: str, channels: int) -> str:
+    """``arch`` unless it is "auto": then "color" for 3-channel data, else "gray"."""
+    return arch if arch != "auto" else ("color" if channels == 3 else "gray")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +176,14 @@ class Experiment:
     cfg: TrialConfig
     device: torch.device
     epoch: int = 0
+
+    def start(self, cfg: TrialConfig) -> data.ImageSet:
+        """Common start of a method's ``__init__``: config, device, seed, test sets on the
+        device (``self.test``); returns the ID training set."""
+        self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
+        torch.manual_seed(cfg.seed)
+        train, self.test = load_sets(cfg, self.device)
+        return train
 
     def train_epoch(self) -> dict[str, float]:
         raise NotImplementedError

@@ -62,3 +62,24 @@ def ray_tmp():
     d = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     yield d
     kill_leftovers(d)
+
+
+def assert_resumes_exactly(make, tmp_path: Path, params=lambda e: e.model.parameters()):
+    """A method's checkpoint is complete: 1 step (train + evaluate) + save + weights_only load
+    + 1 epoch gives the same weights as 2 epochs straight. ``make()`` builds a fresh Experiment."""
+    import torch
+
+    a = make()
+    for _ in range(2):  # what step() does, without the evaluation
+        a.train_epoch()
+        a.epoch += 1
+    b = make()
+    b.step()  # evaluation must not disturb training's RNG streams
+    torch.save(b.state_dict(), tmp_path / "s.pt")
+    c = make()
+    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert c.epoch == 1
+    c.train_epoch()
+    for p, q in zip(params(a), params(c)):
+        torch.testing.assert_close(p, q)
+    return b, c

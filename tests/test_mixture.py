@@ -11,6 +11,8 @@ import scipy.stats as st
 import torch
 from scipy import integrate
 
+from conftest import assert_resumes_exactly
+
 from oodlab.experiment import ConfigError, build_config
 from oodlab.methods import mixture
 from oodlab.methods.mixture import Config, Experiment
@@ -186,16 +188,7 @@ def test_bimodal_training_pulls_latents_to_their_components():
 
 def test_checkpoint_resume_is_exact(tmp_path):
     cfg = Config(train_n=100, test_n=20, epochs=2, is_samples=1, device="cpu")
-    a = Experiment(cfg)
-    a.train_epoch(), a.train_epoch()
-    b = Experiment(cfg)
-    b.step()
-    torch.save(b.state_dict(), tmp_path / "s.pt")
-    c = Experiment(cfg)
-    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    c.train_epoch()
-    for p, q in zip(a.model.parameters(), c.model.parameters()):
-        torch.testing.assert_close(p, q)
+    assert_resumes_exactly(lambda: Experiment(cfg), tmp_path)
 
 
 @pytest.mark.parametrize("bad,match", [

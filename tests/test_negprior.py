@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import assert_resumes_exactly
+
 from oodlab import data
 from oodlab.experiment import ConfigError, build_config, run_trial
 from oodlab.methods.negprior import Config, Experiment
@@ -50,17 +52,7 @@ def test_trial_on_real_data_reports_finite_metrics():
 def test_checkpoint_resume_is_exact(tmp_path):
     """1 epoch + save + load + 1 epoch == 2 epochs straight (weights_only load)."""
     cfg = Config(train_n=300, test_n=100, epochs=2, negatives="aux", device="cpu")
-    a = Experiment(cfg)
-    a.train_epoch(), a.train_epoch()
-    b = Experiment(cfg)
-    b.step()  # train + evaluate: evaluation must not disturb training's RNG streams
-    torch.save(b.state_dict(), tmp_path / "s.pt")
-    c = Experiment(cfg)
-    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    assert c.epoch == 1
-    c.train_epoch()
-    for p, q in zip(a.model.parameters(), c.model.parameters()):
-        torch.testing.assert_close(p, q)
+    assert_resumes_exactly(lambda: Experiment(cfg), tmp_path)
 
 
 @pytest.mark.parametrize("bad,match", [

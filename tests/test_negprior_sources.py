@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_resumes_exactly
+
 from oodlab import data
 from oodlab.experiment import ConfigError, build_config, run_trial
 from oodlab.methods import negprior
@@ -161,16 +163,7 @@ def test_adversarial_directions_encoder_pushes_samples_out_decoder_pulls_them_in
 
 def test_adversarial_trial_resumes_exactly_with_both_optimizers(tmp_path):
     cfg = Config(negatives="adversarial", train_n=200, test_n=50, epochs=2, device="cpu")
-    a = Experiment(cfg)
-    a.train_epoch(), a.train_epoch()
-    b = Experiment(cfg)
-    b.step()
-    torch.save(b.state_dict(), tmp_path / "s.pt")
-    c = Experiment(cfg)
-    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    c.train_epoch()
-    for p, q in zip(a.model.parameters(), c.model.parameters()):
-        torch.testing.assert_close(p, q)
+    b, _ = assert_resumes_exactly(lambda: Experiment(cfg), tmp_path)
     assert {"opt", "opt_dec"} <= set(b.state_dict())
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from conftest import study_env
+from conftest import assert_resumes_exactly, study_env
 
 from oodlab.experiment import ConfigError, build_config, run_trial
 from oodlab.methods import classifier_baselines as cb
@@ -226,18 +226,8 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
     assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
 
     small = build_config({**cfg, "baselines": False, "train_n": 200})
-    a = og.Experiment(small)
-    a.train_epoch()
-    a.epoch = 1  # what step() does: epoch 2 must not train the CVAE again
-    a.train_epoch()
-    b = og.Experiment(small)
-    b.step()  # train + evaluate: evaluation must not move training's RNG streams
-    torch.save(b.state_dict(), tmp_path / "s.pt")
-    c = og.Experiment(small)
-    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    c.train_epoch()
-    for p, q in zip([*a.cvae.parameters(), *a.clf["n1"].parameters()], [*c.cvae.parameters(), *c.clf["n1"].parameters()]):
-        torch.testing.assert_close(p, q)
+    _, c = assert_resumes_exactly(lambda: og.Experiment(small), tmp_path,
+                                  params=lambda e: [*e.cvae.parameters(), *e.clf["n1"].parameters()])
     c.write_artifacts(tmp_path)
     assert (tmp_path / "ood_samples.png").stat().st_size > 5000
 

@@ -30,7 +30,7 @@ import torch
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, load_sets, resolve_device, set_key
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
 from oodlab.mixture_priors import FAMILIES, MixturePrior
 from oodlab.plots import _pyplot
 from oodlab.models.mixture_vae import ARCHS, CatVAE, CatVAEConfig
@@ -183,12 +183,10 @@ class Experiment(BaseExperiment):
     """Data, component assignment, VAE, optimizer and progress of one mixture-prior trial."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
-        torch.manual_seed(cfg.seed)
-        train, self.test = load_sets(cfg, self.device)
+        train = self.start(cfg)
         self.train_x = train.x  # (N, C, H, W) uint8 on device
         c, h, _ = self.train_x.shape[1:]
-        arch = cfg.arch if cfg.arch != "auto" else ("color" if c == 3 else "gray")
+        arch = auto_arch(cfg.arch, c)
         try:
             self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(self.device)
         except ValueError as e:

@@ -38,7 +38,7 @@ from torch import nn
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, load_sets, resolve_device, set_key
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
 from oodlab.priors import kl_to_normal, log_normal
 from oodlab.scores import elbo_terms, reparameterize, score_batch
@@ -208,9 +208,7 @@ class Experiment(BaseExperiment):
     """Data on device, VAE, optimizer(s) and progress of one negative-sampling trial."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
-        torch.manual_seed(cfg.seed)
-        train, self.test = load_sets(cfg, self.device)
+        train = self.start(cfg)
         self.train_x = train.x  # (N, C, H, W) uint8 on device
         shape = tuple(self.train_x.shape[1:])
         self.aux_x = None  # fixed set of negatives (aux or synthetic noise), uint8 on device
@@ -222,7 +220,7 @@ class Experiment(BaseExperiment):
             raise ConfigError(f"aux set {cfg.aux!r} has images of shape {tuple(self.aux_x.shape[1:])} "
                               f"but the ID set has {shape}")
         c, h, _ = shape
-        arch = cfg.arch if cfg.arch != "auto" else ("color" if c == 3 else "gray")
+        arch = auto_arch(cfg.arch, c)
         try:
             vcfg = VAEConfig(arch=arch, decoder=cfg.decoder, channels=c, size=h, latent_dim=cfg.latent_dim)
         except ValueError as e:

@@ -31,7 +31,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, load_sets, resolve_device
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
@@ -207,9 +207,7 @@ class Experiment(BaseExperiment):
     """CVAE, (n+1)-class classifier and (optionally) the baselines' classifiers of one trial."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
-        torch.manual_seed(cfg.seed)
-        train, self.test = load_sets(cfg, self.device)
+        train = self.start(cfg)
         if train.y is None or self.test["id"].y is None:
             raise ConfigError(f"ID set {cfg.id!r} has no labels; the CVAE and the classifiers need them")
         self.classes = torch.unique(train.y)  # ID labels -> 0..n-1
