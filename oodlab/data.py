@@ -2,7 +2,9 @@
 
 Spec grammar: ``name``, ``name[mod=val,...]`` or ``npz:/path/file.npz[mods]``.
 Modifiers (applied in this order): ``labels=0-4`` / ``labels=1,7``, ``n=1000``,
-``channels=1|3``, ``size=32``. Everything is held as one N×C×H×W uint8 tensor so
+``channels=1|3``, ``size=32``, ``brightness=0.6`` (pixels × factor, clamped; paper 004 §3.2).
+``overall`` is paper 004's mixed OOD set: 1,000 random test images of each available
+OOD set (``OVERALL``; plus ``OVERALL_OPTIONAL`` where present), shuffled, labels = source index. Everything is held as one N×C×H×W uint8 tensor so
 training code batches by slicing on the device, with no DataLoader.
 """
 from __future__ import annotations
@@ -47,8 +49,11 @@ class ImageSet:
 _IDX = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "notmnist": "notMNIST"}
 _TV = {"emnist_letters": "EMNIST/raw", "kmnist": "KMNIST/raw", "cifar10": "cifar-10-batches-py", "svhn": "svhn"}
 _SYNTH = ("gaussian_noise", "uniform_noise", "constant")
-_NAMES = sorted([*_IDX, *_TV, *_SYNTH, "omniglot"])
-_MODS = ("labels", "n", "channels", "size")
+_NAMES = sorted([*_IDX, *_TV, *_SYNTH, "omniglot", "overall"])
+_MODS = ("labels", "n", "channels", "size", "brightness")
+OVERALL = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant")  # paper 004 §5.1
+OVERALL_OPTIONAL = ("kmnist", "cifar10[channels=1,size=28]", "svhn[channels=1,size=28]")  # when on disk
+OVERALL_EACH = 1000
 _SYNTH_N = 10_000
 _FIX = "Set OODLAB_DATA_DIR to a folder with the torchvision layout (e.g. ../shared/data), or run on a machine with internet."
 
@@ -123,6 +128,13 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
         mods["channels"] = _parse_int("channels", raw["channels"], (1, 3))
     if "size" in raw:
         mods["size"] = _parse_int("size", raw["size"])
+    if "brightness" in raw:
+        try:
+            mods["brightness"] = float(raw["brightness"])
+        except ValueError:
+            raise DataError(f"bad value brightness={raw['brightness']!r}: must be a number") from None
+        if not 0 <= mods["brightness"] <= 100:
+            raise DataError(f"bad value brightness={raw['brightness']!r}: must be in [0, 100]")
     if spec.startswith("npz:"):
         if not spec[4:]:
             raise DataError("npz spec needs a path: npz:/path/to/file.npz")
@@ -131,7 +143,7 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
         close = difflib.get_close_matches(spec, _NAMES, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise DataError(f"unknown dataset {spec!r}.{hint} Known: {', '.join(_NAMES)}, npz:PATH")
-    if spec in _SYNTH and "labels" in mods:
+    if spec in (*_SYNTH, "overall") and "labels" in mods:
         raise DataError(f"{spec} has no labels, so labels= cannot be used")
     return spec, None, mods
 
@@ -295,6 +307,24 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return torch.from_numpy(np.ascontiguousarray(x)), y
 
 
+def _load_overall(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper 004's "overall" set: OVERALL_EACH random images of each available OOD set, shuffled."""
+    xs, ys = [], []
+    for i, spec in enumerate((*OVERALL, *OVERALL_OPTIONAL)):
+        try:
+            x = load(spec, split, root).x
+        except DataError:
+            if spec in OVERALL:
+                raise
+            continue  # optional sets join only where they are on disk (or downloadable)
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(i))[:OVERALL_EACH]]
+        xs.append(x)
+        ys.append(torch.full((len(x),), i, dtype=torch.int64))
+    x, y = torch.cat(xs), torch.cat(ys)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order].contiguous(), y[order]
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x
@@ -318,6 +348,8 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
         x, y = _load_idx(name, split, root)
     elif name == "omniglot":
         x, y = _load_omniglot(split, root)
+    elif name == "overall":
+        x, y = _load_overall(split, root)
     else:
         x, y = _load_tv(name, split, root)
     if "labels" in mods:
@@ -338,6 +370,8 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
         x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
     if "size" in mods:
         x = _resize(x, mods["size"])
+    if "brightness" in mods:
+        x = (x.float() * mods["brightness"]).round().clamp(0, 255).to(torch.uint8)
     if pad_to is not None:
         h, w = x.shape[-2:]
         if h > pad_to or w > pad_to:

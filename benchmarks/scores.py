@@ -1,0 +1,80 @@
+"""Throughput of paper 004's scores on the ROSE VAE (Fashion-MNIST size: 1×32×32, width 32, latent 100).
+
+Prints images/second for ROSE (diag, EKFAC), Likelihood Regret, LRatio, IC (png, jp2) and
+NLL, and the batched ÷ looped time ratios (goal ≤ 0.1), one `key=value` per line:
+
+    python benchmarks/scores.py                  # CPU, small sizes
+    python benchmarks/scores.py --n 512 --lr-steps 100 --device cuda
+
+Paper 004 §5.2 (RTX 3090): ROSE ~110 img/s, LR ~2.5 img/s. Weights are untrained: speed
+does not depend on them.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from oodlab import data  # noqa: E402
+from oodlab.methods import likelihood_baselines as lb  # noqa: E402
+from oodlab.methods import rose  # noqa: E402
+from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig  # noqa: E402
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def rose_loop(model, x, eps, fits) -> torch.Tensor:
+    """Reference: per-sample gradients one image at a time (one backward per image)."""
+    return torch.cat([rose.rose_scores(model, x[j : j + 1], eps[j : j + 1], fits, batch=1)["diag"] for j in range(len(x))])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=128, help="images scored by the batched scores")
+    p.add_argument("--n-loop", type=int, default=16, help="images for the looped references")
+    p.add_argument("--lr-steps", type=int, default=10, help="Likelihood Regret steps (paper setting: 100)")
+    p.add_argument("--iwae-k", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    dev = torch.device(a.device)
+    torch.manual_seed(0)
+    model = RoseVAE(RoseVAEConfig()).to(dev).eval()
+    x = data.to_float(data.load("fashion_mnist", "test", pad_to=32).x[: a.n]).mul(255).round().to(torch.uint8).to(dev)
+    eps = torch.randn(a.n, 100, device=dev)
+    print(f"device={dev} threads={torch.get_num_threads()} n={a.n} n_loop={a.n_loop} lr_steps={a.lr_steps} iwae_k={a.iwae_k}")
+
+    fits = rose.fit_rose(model, x, eps, ("diag", "ekfac"), batch=128)
+    for kind in ("diag", "ekfac"):
+        t, _ = timed(lambda: rose.rose_scores(model, x, eps, {kind: fits[kind]}, batch=128))
+        print(f"rose_{kind}_img_per_s={a.n / t:.1f}")
+    m = a.n_loop
+    t_b, sb = timed(lambda: rose.rose_scores(model, x[:m], eps[:m], {"diag": fits["diag"]}, batch=128)["diag"])
+    t_l, sl = timed(lambda: rose_loop(model, x[:m], eps[:m], fits))
+    assert torch.allclose(sb, sl, rtol=1e-3, atol=1e-3)
+    print(f"rose_batched_vs_loop={t_b / t_l:.3f}")
+
+    k = torch.randn(a.n, a.iwae_k, 100, device=dev)
+    t, _ = timed(lambda: lb.iwae_bpd(model, x, k))
+    print(f"nll_img_per_s={a.n / t:.1f}")
+    print(f"lratio_img_per_s={a.n / (2 * t):.1f}  # two IWAE likelihoods (main and background model)")
+    for codec in ("png", "jp2"):
+        tc, _ = timed(lambda: lb.complexity_bpd(x, codec))
+        print(f"ic_{codec}_img_per_s={a.n / (t + tc):.1f}")
+
+    et, ee = torch.randn(m, a.lr_steps, 100, device=dev), torch.randn(m, a.iwae_k, 100, device=dev)
+    t_b, rb = timed(lambda: lb.likelihood_regret_batched(model, x[:m], et, ee, lr=1e-4, batch=m))
+    t_l, rl = timed(lambda: lb.likelihood_regret_loop(model, x[:m], et, ee, lr=1e-4))
+    print(f"lr_img_per_s={m / t_b:.2f}  # {a.lr_steps} steps")
+    print(f"lr_batched_vs_loop={t_b / t_l:.3f}")
+
+
+if __name__ == "__main__":
+    main()

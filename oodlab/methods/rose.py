@@ -1,0 +1,411 @@
+"""ROSE: the Fisher score of a test image's gradient (Choi et al., paper 004, §4).
+
+For each encoder conv layer l with weights θ^l and s(x) = ∇_θl log p(x|θ) (one-sample ELBO):
+
+    S^l(x) = s(x)ᵀ F_X^{-1} s(x),       F_X = E_{x∈X}[s sᵀ]                    (eq. 5)
+    diagonal:  F_X ≈ E_X[diag(s sᵀ)]                                          (eq. 6)
+    EKFAC:     F_X ≈ (U_A ⊗ U_B) diag(Σ) (U_A ⊗ U_B)ᵀ,  U_A, U_B eigenbases of
+               A = E[h hᵀ] (conv input patches), B = E[δ δᵀ] (pre-activation grads),
+               Σ = E_X[(U_Bᵀ G U_A)²] with G the (C_out × C_in·k·k) gradient       (eqs. 8–9)
+    ROSE(x) = max_l ReLU((S^l(x) − μ^l) / σ^l), μ, σ over X                   (eqs. 10–11, β=0, p=∞)
+
+Per-sample gradients are batched: one forward/backward of the summed loss gives every
+conv's input h and output gradient δ per image, and G_n = Σ_t δ_{n,t} h_{n,t}ᵀ
+(the "hooks" method, no Python loop over images). The trial (``Experiment``) trains the
+paper's VAE once (cached on disk by its training config) and then computes every score
+named in ``scores``: ROSE and the baselines of ``oodlab.methods.likelihood_baselines``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oodlab import data
+from oodlab.experiment import Experiment as BaseExperiment
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, metric_table, set_key
+from oodlab.methods import likelihood_baselines as lb
+from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+
+PRECONDITIONERS = ("diag", "ekfac")
+SCORES = ("rose", "rose_diag", "rose_ekfac", "nll", "lr", "lratio", "ic_png", "ic_jp2", "rnd")
+
+# ---------------------------------------------------------------- per-sample gradients
+
+
+def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per encoder conv layer, each image's input patches h (B, L, C_in·k·k) and output gradients δ (B, L, C_out).
+
+    One batched forward/backward of Σ_n −ELBO_n; images are independent, so δ of image n
+    is ∂(−ELBO_n)/∂a_n and its weight gradient is G_n = Σ_t δ_{n,t} h_{n,t}ᵀ.
+    """
+    mu, logvar, inputs, preacts = model.encode_with_preacts(x)
+    z = mu + eps * (0.5 * logvar).exp()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    loss = (kl - model.log_px(x, model.decode(z))).sum()
+    deltas = torch.autograd.grad(loss, preacts)
+    out = []
+    for conv, h, d in zip(model.enc, inputs, deltas):
+        p = F.unfold(h.detach(), conv.kernel_size, padding=conv.padding, stride=conv.stride).transpose(1, 2)
+        out.append((p, d.flatten(2).transpose(1, 2)))
+    return out
+
+
+def grads_from_terms(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """G_n = Σ_t δ_{n,t} h_{n,t}ᵀ: (B, C_out, Din), the layout of ``conv.weight.flatten(1)``."""
+    return torch.einsum("blo,bli->boi", d, p)
+
+
+def per_sample_grads(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample −ELBO gradients of the encoder conv weights, each (B, C_out, C_in·k·k)."""
+    return [grads_from_terms(p, d) for p, d in layer_terms(model, x, eps)]
+
+
+# ---------------------------------------------------------------- preconditioners
+
+
+def diag_fisher(grads: torch.Tensor) -> torch.Tensor:
+    """Diagonal Fisher E_X[s²] (eq. 6) of a batch of per-sample grads (N, ...)."""
+    return grads.pow(2).mean(0)
+
+
+def kfac_factors(p: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (Σ_{n,t} h hᵀ, Σ_{n,t} δ δᵀ) / N of one layer (Grosse & Martens' KFC, eq. 8)."""
+    n = p.shape[0]
+    return torch.einsum("bli,blj->ij", p, p) / n, torch.einsum("blo,blq->oq", d, d) / n
+
+
+def eigenbasis(a: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric factor (in float64 for stability)."""
+    return torch.linalg.eigh(a.double())[1].to(a.dtype)
+
+
+def projected_grads(p: torch.Tensor, d: torch.Tensor, u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
+    """U_Bᵀ G_n U_A = Σ_t (U_Bᵀ δ_t)(U_Aᵀ h_t)ᵀ: project the factors first (B·L·Din² instead of B·Cout·Din²)."""
+    return grads_from_terms(p @ u_a, d @ u_b)
+
+
+def ekfac_dense(u_a: torch.Tensor, u_b: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The dense EKFAC Fisher (U_A ⊗ U_B) diag(Σ) (U_A ⊗ U_B)ᵀ in row-major vec(G) order (for tests)."""
+    u = torch.kron(u_b, u_a)  # vec(U_Bᵀ G U_A) = (U_B ⊗ U_A)ᵀ vec(G) for row-major vec
+    return u @ torch.diag(sigma.flatten()) @ u.T
+
+
+def quad(g: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+    """gᵀ diag(F)^{-1} g per sample, (B,); damping is relative to the mean of F."""
+    return (g.pow(2) / (fisher + damping * fisher.mean())).flatten(1).sum(1)
+
+
+@dataclass
+class RoseFit:
+    """What ROSE keeps from the ID set: a preconditioner per layer and the layer z-scores."""
+
+    kind: str  # "diag" | "ekfac"
+    fisher: list[torch.Tensor]  # per layer: diag F (diag) or Σ in the eigenbasis (ekfac), shaped like G
+    bases: list[tuple[torch.Tensor, torch.Tensor]] | None  # (U_A, U_B) per layer (ekfac)
+    damping: float
+    mean: torch.Tensor | None = None  # (L,) μ^l
+    std: torch.Tensor | None = None  # (L,) σ^l
+
+    def grads(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per-sample grads in this preconditioner's basis (parameter basis or Kronecker eigenbasis)."""
+        if self.kind == "diag":
+            return [grads_from_terms(p, d) for p, d in terms]
+        return [projected_grads(p, d, ua, ub) for (p, d), (ua, ub) in zip(terms, self.bases)]
+
+    def layer_scores(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """S^l = sᵀ F^{-1} s (eq. 5) for a batch: (B, L)."""
+        return torch.stack([quad(g, f, self.damping) for g, f in zip(self.grads(terms), self.fisher)], 1)
+
+    def score(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """ROSE = max_l ReLU((S^l − μ^l)/σ^l), (B,) (eq. 11, β = 0, p = ∞)."""
+        return F.relu((self.layer_scores(terms) - self.mean) / self.std).amax(1)
+
+
+def _passes(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, batch: int) -> Iterator[tuple[int, list]]:
+    for i in range(0, len(x_u8), batch):
+        yield i, layer_terms(model, data.to_float(x_u8[i : i + batch]), eps[i : i + batch])
+
+
+def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple[str, ...], batch: int = 128,
+             damping: float = 1e-3) -> dict[str, RoseFit]:
+    """Fit the preconditioners and z-score statistics on N ID images (Algorithm 1), in batches.
+
+    Pass 1: diag F and the Kronecker factors; pass 2: EKFAC's Σ and diag's layer scores;
+    pass 3: EKFAC's layer scores. Nothing per-sample is kept between passes.
+    """
+    n = len(x_u8)
+    acc: dict[str, list] = {"diag": None, "A": None, "B": None, "sigma": None}
+
+    def add(key: str, vals: list[torch.Tensor]) -> None:
+        acc[key] = vals if acc[key] is None else [a + v for a, v in zip(acc[key], vals)]
+
+    for i, terms in _passes(model, x_u8, eps, batch):
+        w = len(terms[0][0]) / n
+        if "diag" in kinds:
+            add("diag", [diag_fisher(grads_from_terms(p, d)) * w for p, d in terms])
+        if "ekfac" in kinds:
+            ab = [kfac_factors(p, d) for p, d in terms]
+            add("A", [a * w for a, _ in ab])
+            add("B", [b * w for _, b in ab])
+    fits = {}
+    if "diag" in kinds:
+        fits["diag"] = RoseFit("diag", acc["diag"], None, damping)
+    if "ekfac" in kinds:
+        bases = [(eigenbasis(a), eigenbasis(b)) for a, b in zip(acc["A"], acc["B"])]
+        for i, terms in _passes(model, x_u8, eps, batch):
+            add("sigma", [diag_fisher(g) * (len(g) / n) for g in (projected_grads(p, d, ua, ub) for (p, d), (ua, ub) in zip(terms, bases))])
+        fits["ekfac"] = RoseFit("ekfac", acc["sigma"], bases, damping)
+    for fit in fits.values():
+        s = torch.cat([fit.layer_scores(terms) for _, terms in _passes(model, x_u8, eps, batch)])  # (N, L)
+        fit.mean, fit.std = s.mean(0), s.std(0).clamp_min(1e-12)
+    return fits
+
+
+def rose_scores(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, fits: dict[str, RoseFit], batch: int = 128) -> dict[str, torch.Tensor]:
+    """ROSE of every image under every fitted preconditioner, {kind: (N,)}; one backward pass serves all."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in fits}
+    for _, terms in _passes(model, x_u8, eps, batch):
+        for k, fit in fits.items():
+            parts[k].append(fit.score(terms))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------- training (cached)
+
+
+def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int,
+              perturb: str | None = None, l2: float = 0.0) -> list[float]:
+    """Adam, lr halved every 30 epochs (App. B.1); ``perturb``/``l2`` make LRatio's background model."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+    gen = torch.Generator().manual_seed(seed)
+    dev = x_u8.device
+    history = []
+    for _ in range(epochs):
+        tot, nb = torch.zeros((), device=dev), 0
+        for idx in data.batch_indices(len(x_u8), batch_size, shuffle=True, generator=gen, device=dev):
+            xb = x_u8[idx]
+            if perturb:
+                xb = lb.perturb(xb, perturb, gen)
+            x = data.to_float(xb)
+            eps = torch.randn(len(x), model.cfg.latent_dim, generator=gen).to(dev)
+            loss = -elbo(model, x, eps).mean() / model.dims  # nats per dimension
+            if l2 > 0:
+                loss = loss + l2 * sum(p.pow(2).sum() for p in model.parameters()) / len(x_u8)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.detach()
+            nb += 1
+        sched.step()
+        history.append(float(tot) / nb)
+        if not math.isfinite(history[-1]):
+            raise FloatingPointError(f"VAE loss became {history[-1]}; try a smaller lr")
+    return history
+
+
+def _cache_file(folder: str, key: dict[str, Any]) -> Path | None:
+    if not folder:
+        return None
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder).expanduser() / f"vae-{h}.pt"
+
+
+def ensure_vae(cfg: "Config", x_u8: torch.Tensor, device: torch.device, perturb: str | None = None,
+               l2: float = 0.0) -> tuple[RoseVAE, list[float]]:
+    """Load the VAE trained with this config from ``cfg.vae_cache``, or train and store it (train once, score many)."""
+    vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim)
+    key = dict(id=cfg.id, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
+    path = _cache_file(cfg.vae_cache, key)
+    torch.manual_seed(cfg.seed + (0 if perturb is None else 1))
+    model = RoseVAE(vcfg).to(device)
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        return model.eval(), list(state["history"])
+    history = train_vae(model, x_u8, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, perturb, l2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"model": model.state_dict(), "history": history, "key": json.dumps(key)}, tmp)
+        tmp.replace(path)  # atomic: concurrent trials never read half a file
+    return model.eval(), history
+
+
+# ---------------------------------------------------------------- the trial
+
+
+@dataclass(frozen=True)
+class Config(TrialConfig):
+    method: str = "rose"
+    ood: tuple[str, ...] = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant", "overall")
+    pad: bool = True  # paper 004 uses 32×32 inputs
+    epochs: int = 100  # VAE training epochs (paper: 100)
+    batch_size: int = 64  # paper: 64
+    lr: float = 1e-3  # Adam, halved every 30 epochs (paper)
+    # --- model ---
+    width: int = 32  # n, first conv channels (paper: 32 FMNIST, 64 CIFAR-10)
+    latent_dim: int = 100  # paper: 100 FMNIST, 200 CIFAR-10
+    vae_cache: str = ""  # folder of trained VAEs keyed by training config ("" = train in memory)
+    # --- scores (every one higher = more OOD) ---
+    scores: tuple[str, ...] = ("rose_diag", "rose_ekfac", "nll")  # names from SCORES; "rose" uses `preconditioner`
+    preconditioner: str = "ekfac"  # for the score "rose": "diag" | "ekfac"
+    fisher_n: int = 1000  # ID training images the Fisher and z-scores are fitted on (paper Fig. 5: 10…10K)
+    damping: float = 1e-3  # added to the Fisher's diagonal / eigenvalues, relative to their mean
+    grad_batch: int = 128  # images per per-sample-gradient pass
+    iwae_k: int = 20  # IWAE samples for NLL, LR, LRatio, IC (paper: 20)
+    lr_steps: int = 100  # Likelihood Regret: encoder re-optimisation steps per image
+    lr_lr: float = 1e-4  # Likelihood Regret: Adam learning rate
+    lr_n: int | None = None  # Likelihood Regret: score only the first lr_n images per set (None = all)
+    lratio_perturbation: str = "random:0.3"  # LRatio background inputs (paper Table 2 FMNIST: random, μ=0.3)
+    lratio_l2: float = 0.0  # LRatio background L2 strength λ (paper: 0 or 10)
+    rnd_perturbation: str = "svd:28"  # RND: "svd:K" | "dct:K" | "gb" | "random:μ"
+    rnd_epochs: int = 5  # RND predictor training epochs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scores, str):
+            object.__setattr__(self, "scores", tuple(s.strip() for s in self.scores.split(",") if s.strip()))
+        super().__post_init__()
+        bad = [s for s in self.scores if s not in SCORES]
+        _check([
+            (len(self.scores) > 0 and not bad, f"scores must be a non-empty subset of {SCORES}; got unknown {bad}"),
+            (len(set(self.scores)) == len(self.scores), f"scores listed twice: {self.scores}"),
+            (self.preconditioner in PRECONDITIONERS, f"preconditioner must be one of {PRECONDITIONERS}; got {self.preconditioner!r}"),
+            (self.width >= 1 and self.latent_dim >= 1, "width and latent_dim must be >= 1"),
+            (self.fisher_n >= 2, f"fisher_n must be >= 2, got {self.fisher_n}"),
+            (self.damping >= 0, f"damping must be >= 0, got {self.damping}"),
+            (self.grad_batch >= 1, f"grad_batch must be >= 1, got {self.grad_batch}"),
+            (self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}"),
+            (self.lr_steps >= 1 and self.lr_lr > 0, "lr_steps must be >= 1 and lr_lr > 0"),
+            (self.lr_n is None or self.lr_n >= 1, f"lr_n must be >= 1, got {self.lr_n}"),
+            (self.lratio_l2 >= 0, f"lratio_l2 must be >= 0, got {self.lratio_l2}"),
+            (self.rnd_epochs >= 1, f"rnd_epochs must be >= 1, got {self.rnd_epochs}"),
+        ])
+        for field in ("lratio_perturbation", "rnd_perturbation"):
+            try:
+                lb.parse_perturbation(getattr(self, field))
+            except ValueError as e:
+                raise ConfigError(f"{field}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["scores"] = ",".join(self.scores)
+        return d
+
+    def score_names(self) -> tuple[str, ...]:
+        return self.scores
+
+    def brightness_sets(self) -> list[str]:
+        """OOD sets that carry a brightness= modifier; their AUROCs also get a mean and std."""
+        return [o for o in self.ood if "brightness=" in o]
+
+    def metric_names(self) -> list[str]:
+        extra = [f"auroc_brightness_{w}_{s}" for s in self.scores for w in ("mean", "std")] if self.brightness_sets() else []
+        return super().metric_names() + extra
+
+
+class Experiment(BaseExperiment):
+    """Train (or load) the paper's VAE once, then score every test set with the configured scores."""
+
+    def __init__(self, cfg: Config):
+        self.train_x = self.start(cfg).x
+        t0 = time.perf_counter()
+        try:
+            self.model, self.history = ensure_vae(cfg, self.train_x, self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.train_s = time.perf_counter() - t0
+        self.epoch = cfg.epochs - 1  # training is done (or cached): the one remaining step scores
+        self.timings: dict[str, float] = {}
+
+    def train_epoch(self) -> dict[str, float]:
+        return {"loss": self.history[-1], "train_s": self.train_s}
+
+    def _eps(self, n: int, salt: int, *shape: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)
+        return torch.randn(n, *shape, self.cfg.latent_dim, generator=g).to(self.device)
+
+    def score(self) -> Scores:
+        cfg, model = self.cfg, self.model
+        out: Scores = {name: {} for name in self.test}
+        kinds = sorted({s.removeprefix("rose_") for s in cfg.scores if s.startswith("rose_")}
+                       | ({cfg.preconditioner} if "rose" in cfg.scores else set()))
+        if kinds:
+            t0 = time.perf_counter()
+            order = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(cfg.seed + 7))[: cfg.fisher_n]
+            fx = self.train_x[order.to(self.device)]
+            fits = fit_rose(model, fx, self._eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping)
+            self.timings["rose_fit_s"] = time.perf_counter() - t0
+            t0, n = time.perf_counter(), 0
+            for name, s in self.test.items():
+                r = rose_scores(model, s.x, self._eps(len(s), 2), fits, cfg.grad_batch)
+                n += len(s)
+                for k, v in r.items():
+                    if f"rose_{k}" in cfg.scores:
+                        out[name][f"rose_{k}"] = v
+                    if "rose" in cfg.scores and k == cfg.preconditioner:
+                        out[name]["rose"] = v
+            self.timings["rose_img_per_s"] = n / (time.perf_counter() - t0)
+        need_nll = {"nll", "lratio", "ic_png", "ic_jp2"} & set(cfg.scores)
+        bg = None
+        if "lratio" in cfg.scores:
+            bg, _ = ensure_vae(cfg, self.train_x, self.device, perturb=cfg.lratio_perturbation, l2=cfg.lratio_l2)
+        rnd = None
+        if "rnd" in cfg.scores:
+            rnd = lb.train_rnd(self.train_x, cfg.rnd_perturbation, cfg.rnd_epochs, cfg.batch_size, cfg.seed)
+        for name, s in self.test.items():
+            x = s.x
+            if need_nll:
+                eps = self._eps(len(x), 3, cfg.iwae_k)
+                nll = lb.iwae_bpd(model, x, eps)  # (N,) bits/dim
+                if "nll" in cfg.scores:
+                    out[name]["nll"] = nll
+                if bg is not None:
+                    out[name]["lratio"] = nll - lb.iwae_bpd(bg, x, eps)  # −LLR in bits/dim
+                for codec in ("png", "jp2"):
+                    if f"ic_{codec}" in cfg.scores:
+                        out[name][f"ic_{codec}"] = nll - lb.complexity_bpd(x, codec).to(nll.device)
+            if "lr" in cfg.scores:
+                xs = x[: cfg.lr_n] if cfg.lr_n else x
+                out[name]["lr"] = lb.likelihood_regret_batched(
+                    model, xs, self._eps(len(xs), 4, cfg.lr_steps), self._eps(len(xs), 5, cfg.iwae_k),
+                    lr=cfg.lr_lr, batch=cfg.grad_batch // 4 or 1)
+            if rnd is not None:
+                out[name]["rnd"] = lb.rnd_score(rnd, x)
+        return {name: {k: v.detach().cpu().numpy().astype(np.float64) for k, v in d.items()} for name, d in out.items()}
+
+    def evaluate(self) -> tuple[dict[str, float], Scores]:
+        """The metric table, plus AUROC mean/std over brightness-modified sets and timings."""
+        scores = self.score()
+        table = metric_table(scores, self.cfg.ood)
+        bsets = self.cfg.brightness_sets()
+        for s in self.cfg.scores if bsets else ():
+            vals = np.array([table[f"auroc_{set_key(o)}_{s}"] for o in bsets])
+            table[f"auroc_brightness_mean_{s}"], table[f"auroc_brightness_std_{s}"] = float(vals.mean()), float(vals.std())
+        table.update({f"time_{k}": v for k, v in self.timings.items()})
+        return table, scores
+
+    def write_artifacts(self, folder: Path) -> None:
+        (folder / "vae_history.json").write_text(json.dumps({"loss": self.history, "train_s": self.train_s,
+                                                             **self.timings}, indent=1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "epoch": self.epoch, "history": torch.tensor(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.epoch = int(state["epoch"])
+        self.history = [float(v) for v in state["history"]]
+

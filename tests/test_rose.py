@@ -1,0 +1,248 @@
+"""ROSE (paper 004) and its baselines: every quantity against an independent, naive computation."""
+
+import io
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oodlab import data
+from oodlab.experiment import ConfigError, build_config
+from oodlab.methods import likelihood_baselines as lb
+from oodlab.methods import rose
+from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny(seed: int = 0) -> RoseVAE:
+    torch.manual_seed(seed)
+    return RoseVAE(RoseVAEConfig(width=4, latent_dim=3))
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _naive_grads(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
+    """Per-image autograd, one image at a time: (N, C_out, Din) per layer."""
+    out = [[] for _ in model.enc]
+    for j in range(len(x_u8)):
+        model.zero_grad()
+        (-elbo(model, data.to_float(x_u8[j : j + 1]), eps[j : j + 1])).sum().backward()
+        for l, conv in enumerate(model.enc):
+            out[l].append(conv.weight.grad.flatten(1).clone())
+    return [torch.stack(g) for g in out]
+
+
+def test_per_sample_grads_and_diag_fisher_match_naive_loop():
+    m, x = _tiny(), _images(6)
+    eps = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    naive = _naive_grads(m, x, eps)
+    for g, n in zip(rose.per_sample_grads(m, data.to_float(x), eps), naive):
+        torch.testing.assert_close(g, n, rtol=1e-4, atol=1e-6)
+    fit = rose.fit_rose(m, x, eps, ("diag",), batch=4)["diag"]  # batches of 4 + 2: the weighting must be exact
+    for f, n in zip(fit.fisher, naive):
+        torch.testing.assert_close(f, n.pow(2).mean(0), rtol=1e-4, atol=1e-10)
+    # layer scores, z-scores and ROSE (eq. 5, 10, 11) from the naive grads
+    s = torch.stack([(n.pow(2) / (f + 1e-3 * f.mean())).flatten(1).sum(1) for n, f in zip(naive, fit.fisher)], 1)
+    torch.testing.assert_close(fit.mean, s.mean(0), rtol=1e-4, atol=0)
+    torch.testing.assert_close(fit.std, s.std(0), rtol=1e-4, atol=0)
+    r = rose.rose_scores(m, x, eps, {"diag": fit}, batch=4)["diag"]
+    torch.testing.assert_close(r, ((s - s.mean(0)) / s.std(0)).clamp_min(0).amax(1), rtol=1e-4, atol=1e-5)
+    assert r.min() == 0 and r.max() > 0
+
+
+def test_ekfac_is_exact_for_a_kronecker_fisher():
+    """One sample, one location: F = vec(G) vec(G)ᵀ = (h hᵀ) ⊗ (δ δᵀ) exactly, and EKFAC recovers it."""
+    g = torch.Generator().manual_seed(0)
+    p, d = torch.randn(1, 1, 5, generator=g, dtype=torch.float64), torch.randn(1, 1, 3, generator=g, dtype=torch.float64)
+    a, b = rose.kfac_factors(p, d)
+    ua, ub = rose.eigenbasis(a), rose.eigenbasis(b)
+    sigma = rose.diag_fisher(rose.projected_grads(p, d, ua, ub))
+    vec = rose.grads_from_terms(p, d).flatten(1)  # (1, 15), row-major vec(G)
+    torch.testing.assert_close(rose.ekfac_dense(ua, ub, sigma), vec.T @ vec)
+
+
+def test_ekfac_beats_diag_on_a_correlated_kronecker_fisher():
+    g = torch.Generator().manual_seed(0)
+    n, din, dout = 20000, 4, 3
+    la, lb_ = torch.randn(din, din, generator=g, dtype=torch.float64), torch.randn(dout, dout, generator=g, dtype=torch.float64)
+    p = (torch.randn(n, 1, din, generator=g, dtype=torch.float64) @ la.T)  # correlated inputs
+    d = (torch.randn(n, 1, dout, generator=g, dtype=torch.float64) @ lb_.T)  # independent, correlated output grads
+    vec = rose.grads_from_terms(p, d).flatten(1)
+    exact = vec.T @ vec / n
+    a, b = rose.kfac_factors(p, d)
+    ua, ub = rose.eigenbasis(a), rose.eigenbasis(b)
+    ekfac = rose.ekfac_dense(ua, ub, rose.diag_fisher(rose.projected_grads(p, d, ua, ub)))
+    diag = torch.diag(rose.diag_fisher(vec))
+    err_e, err_d = (ekfac - exact).norm() / exact.norm(), (diag - exact).norm() / exact.norm()
+    assert err_e < 0.05 and err_d > 0.3, (err_e, err_d)
+
+
+def test_ekfac_scores_match_dense_inverse():
+    """sᵀ F_EKFAC^{-1} s from the factored path equals the dense matrix inverse (no damping)."""
+    m, x = _tiny(1), _images(8, 1)
+    eps = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    fit = rose.fit_rose(m, x, eps, ("ekfac",), batch=8, damping=0.0)["ekfac"]
+    terms = rose.layer_terms(m, data.to_float(x[:2]), eps[:2])
+    p, d = terms[0]  # first conv: Din = 16, C_out = 4 -> a 64×64 Fisher
+    (ua, ub), sig = fit.bases[0], fit.fisher[0]
+    dense = rose.ekfac_dense(ua.double(), ub.double(), sig.double())
+    g = rose.grads_from_terms(p, d).flatten(1).double()
+    want = torch.einsum("bi,ij,bj->b", g, torch.linalg.pinv(dense, hermitian=True, rtol=1e-10), g)
+    torch.testing.assert_close(fit.layer_scores(terms)[:, 0].double(), want, rtol=1e-3, atol=0)
+
+
+def test_likelihood_regret_batched_equals_loop():
+    m, x = _tiny(2), _images(3, 2)
+    ref = [p.clone() for p in m.parameters()]
+    g = torch.Generator().manual_seed(3)
+    eps_train, eps_eval = torch.randn(3, 4, 3, generator=g), torch.randn(3, 4, 3, generator=g)
+    xf = data.to_float(x)
+    stacked = lb.refit_encoders(m, xf, eps_train, lr=0.05)
+    for j in range(3):  # every copy equals its own torch.optim.Adam run, and moved from the start
+        mj = lb.refit_encoder_loop(m, xf[j : j + 1], eps_train[j : j + 1], lr=0.05)
+        for k, p in mj.named_parameters():
+            if k.startswith("enc."):
+                # Adam's first steps are ~lr·sign(g): float noise on near-zero grads moves a few weights by ≪ lr
+                torch.testing.assert_close(stacked[k][j], p, rtol=1e-3, atol=5e-4)
+                assert (p - dict(m.named_parameters())[k]).abs().max() > 0.01
+    batched = lb.likelihood_regret_batched(m, x, eps_train, eps_eval, lr=0.05, batch=2)  # batches of 2 + 1
+    looped = lb.likelihood_regret_loop(m, x, eps_train, eps_eval, lr=0.05)
+    torch.testing.assert_close(batched, looped, rtol=1e-3, atol=2e-6)
+    for p, q in zip(m.parameters(), ref):
+        torch.testing.assert_close(p, q)  # the scored model itself is untouched
+
+
+def test_iwae_against_torch_distributions():
+    m, x = _tiny(3), _images(4, 3)
+    eps = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(4))
+    xf = data.to_float(x)
+    with torch.no_grad():
+        mu, logvar = m.encode(xf)
+        q = torch.distributions.Normal(mu[:, None], (0.5 * logvar).exp()[:, None])
+        z = mu[:, None] + eps * (0.5 * logvar).exp()[:, None]  # (4, 2, 3)
+        cat = torch.distributions.Categorical(logits=m.decode(z.flatten(0, 1)).movedim(1, -1))
+        log_px = cat.log_prob((xf.repeat_interleave(2, 0) * 255).round().long()).flatten(1).sum(1).view(4, 2)
+        log_w = log_px + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        want = torch.logsumexp(log_w, 1) - math.log(2)
+        torch.testing.assert_close(lb.iwae_from_stats(m, xf, mu, logvar, eps), want, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(lb.iwae_bpd(m, x, eps, rows=4), -want / (1024 * math.log(2)), rtol=1e-5, atol=1e-6)
+    many = lb.iwae_bpd(m, x, torch.randn(4, 64, 3, generator=torch.Generator().manual_seed(5)))
+    assert 5 < many.mean() < 9  # 256-way categorical: an untrained model is near 8 bits/dim
+
+
+def test_perturbations():
+    x = _images(8, 4)
+    g = torch.Generator().manual_seed(0)
+    r = lb.perturb(x, "random:0.3", g)
+    assert r.dtype == torch.uint8 and abs((r != x).float().mean().item() - 0.3 * 255 / 256) < 0.02
+    sv = torch.linalg.svdvals(lb.perturb(x, "svd:28", g).float())  # top 4 of 32 kept; the rest is rounding noise
+    assert (sv[..., 4:].amax(-1) < 0.01 * sv[..., 0]).all() and (sv[..., 3] > 0.02 * sv[..., 0]).all()
+    c = lb.perturb(x, "dct:10", g).float()
+    dm = lb._dct_matrix(32, "cpu")
+    coeffs = (dm @ c @ dm.T).abs()
+    assert ((coeffs > 3.0).flatten(1).sum(1) <= 10 + 20).all()  # K coefficients kept, the rest is rounding noise
+    flat = torch.full((2, 1, 32, 32), 77, dtype=torch.uint8)
+    assert torch.equal(lb.perturb(flat, "gb", g), flat) and lb.perturb(x, "gb", g).float().std() < x.float().std()
+    for bad in ("blur", "svd", "random:2", "gb:3", "dct:2.5"):
+        with pytest.raises(ValueError):
+            lb.parse_perturbation(bad)
+
+
+def test_input_complexity_code_lengths():
+    x = torch.cat([torch.full((1, 1, 32, 32), 9, dtype=torch.uint8), _images(1, 5)])
+    for codec, fmt in (("png", "PNG"), ("jp2", "JPEG2000")):
+        bpd = lb.complexity_bpd(x, codec)
+        assert bpd[0] < 0.3 * bpd[1] and bpd[1] > 7  # a flat image compresses, uniform noise does not
+        buf = io.BytesIO()
+        Image.fromarray(x[1, 0].numpy()).save(buf, format=fmt, **({"optimize": True, "compress_level": 9} if fmt == "PNG" else {}))
+        assert bpd[1].item() == pytest.approx(8 * buf.tell() / 1024)
+
+
+def test_rnd_learns_the_id_target():
+    x = _images(32, 6) // 4  # dark images
+    model = lb.train_rnd(x, "random:0.3", epochs=20, batch_size=32, seed=0)
+    far = lb.rnd_score(model, 255 - x)
+    assert lb.rnd_score(model, x).mean() < 0.5 * far.mean()
+
+
+def test_brightness_and_overall_sets():
+    m = data.load("mnist")
+    dim = data.load("mnist[brightness=0.5]")
+    assert torch.equal(dim.x, (m.x.float() * 0.5).round().to(torch.uint8))
+    bright = data.load("mnist[brightness=1.8]")
+    assert bright.x.max() == 255 and torch.equal(bright.x, (m.x.float() * 1.8).round().clamp(max=255).to(torch.uint8))
+    o = data.load("overall")
+    assert o.x.shape == (6000, 1, 28, 28) and o.y.bincount().tolist() == [1000] * 6
+    assert len(set(o.y[:60].tolist())) >= 5  # shuffled: the first images come from many sets
+    first_mnist = o.x[o.y == 0][0]
+    assert (m.x == first_mnist).flatten(1).all(1).any()  # the mnist part holds real MNIST test images
+    assert data.load("overall[channels=3,size=32]").x.shape == (6000, 3, 32, 32)
+    assert torch.equal(data.load("overall").x, o.x)  # deterministic
+    for bad, match in (("mnist[brightness=x]", "brightness"), ("overall[labels=1]", "labels")):
+        with pytest.raises(data.DataError, match=match):
+            data.load(bad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(scores="rose,bogus"), "scores"), (dict(preconditioner="kfac"), "preconditioner"),
+    (dict(rnd_perturbation="svd"), "rnd_perturbation"), (dict(lratio_perturbation="random:0"), "lratio_perturbation"),
+    (dict(fisher_n=1), "fisher_n"), (dict(ood="mnist[brightness=-1]"), "brightness"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({"method": "rose", **bad})
+
+
+def test_trial_trains_once_and_scores_many(tmp_path):
+    base = dict(method="rose", train_n=128, test_n=32, epochs=1, width=4, latent_dim=3, fisher_n=32, iwae_k=2,
+                device="cpu", vae_cache=str(tmp_path), ood="mnist,omniglot")
+    a = rose.Experiment(build_config({**base, "scores": "rose_diag,rose_ekfac,nll,ic_png"}))
+    assert len(list(tmp_path.glob("vae-*.pt"))) == 1
+    res = a.step()
+    assert a.done and res.epoch == 1
+    for o in ("mnist", "omniglot"):
+        for s in ("rose_diag", "rose_ekfac", "nll", "ic_png"):
+            assert 0 <= res.metrics[f"auroc_{o}_{s}"] <= 1
+    np.testing.assert_allclose(res.scores["mnist"]["ic_png"],
+                               res.scores["mnist"]["nll"] - lb.complexity_bpd(a.test["mnist"].x, "png").numpy(), rtol=1e-5)
+    b = rose.Experiment(build_config({**base, "scores": "rose", "preconditioner": "diag"}))  # another trial, same VAE
+    assert len(list(tmp_path.glob("vae-*.pt"))) == 1
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q)
+    np.testing.assert_allclose(b.step().scores["mnist"]["rose"], res.scores["mnist"]["rose_diag"], rtol=1e-5)
+    torch.save(a.state_dict(), tmp_path / "s.pt")
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert b.epoch == 1
+
+
+@pytest.mark.slow
+def test_study_smoke_end_to_end(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    storage = tmp_path / "results"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "studies" / "rose_perturbation.py"), "--smoke", "--storage", str(storage),
+                          "--name", "e2e", "--train-n", "200", "--test-n", "60", "--fisher-n", "50", "--iwae-k", "2"],
+                         env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert len(list((storage / "vae_cache").glob("vae-*.pt"))) == 1  # trained once, in the driver
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    children = [r for r in runs if r.data.tags.get("oodlab.role") == "trial"]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        assert 0.0 <= r.data.metrics["auroc_overall_rose"] <= 1.0
+        assert "auroc_brightness_std_rose" in r.data.metrics
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"roc.png", "scores.npz", "metrics.json"} <= files
