@@ -178,12 +178,27 @@ def _searcher_class():
     from ray.tune.search.optuna import OptunaSearch
 
     class Searcher(OptunaSearch):
-        """OptunaSearch that also records, on each Optuna trial, the Ray trial id and, for
-        a failed trial, the reason (user attrs ``ray_trial_id`` and ``error``)."""
+        """OptunaSearch that records, on each Optuna trial, the Ray trial id and, for a failed
+        trial, the reason (user attrs ``ray_trial_id``, ``error``); and that never tells Optuna
+        twice: a driver killed after Optuna recorded a trial but before Tune saved its state
+        sees that trial finish again on resume."""
+
+        def _finished_in_optuna(self, trial_id) -> bool:
+            ot = self._ot_trials.get(trial_id)
+            return ot is not None and self._ot_study._storage.get_trial(ot._trial_id).state.is_finished()
+
+        def on_trial_result(self, trial_id, result):
+            if not self._finished_in_optuna(trial_id):
+                super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self._completed_trials:
+                return
+            if self._finished_in_optuna(trial_id):
+                self._completed_trials.add(trial_id)
+                return
             ot = self._ot_trials.get(trial_id)
-            if ot is not None and trial_id not in self._completed_trials:
+            if ot is not None:
                 storage, tid = self._ot_study._storage, ot._trial_id
                 storage.set_trial_user_attr(tid, "ray_trial_id", trial_id)
                 reason = (result or {}).get("error") or ("trial errored (see MLflow tag oodlab.error)" if error else None)

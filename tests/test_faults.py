@@ -141,7 +141,8 @@ def test_corrupt_or_foreign_state_refused_on_resume(tmp_path, ray_tmp):
     (["--storage", "/etc/passwd/results"], "not a writable directory"),
     (["--mlflow-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking store"),
     (["--gpus-per-trial", "1.5"], "whole number"),
-    (["--decoder", "laplace"], "invalid choice"),
+    (["--decoder", "laplace"], "decoder must be one of"),
+    (["--sampler", "annealing"], "invalid choice"),
     (["--epochs", "two"], "invalid int value"),
 ])
 def test_unusable_stores_and_bad_flags_are_refused(tmp_path, ray_tmp, flags, match):
@@ -149,3 +150,26 @@ def test_unusable_stores_and_bad_flags_are_refused(tmp_path, ray_tmp, flags, mat
     assert out.returncode == 2, out.stderr[-2000:]
     assert match in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_searcher_never_tells_optuna_twice(tmp_path):
+    """The SIGKILL window: Optuna recorded a trial as COMPLETE, Tune's saved searcher state
+    predates it; on resume the trial completes again and must not be told twice."""
+    import optuna
+
+    from oodlab.study import CategoricalSpace, _searcher_class
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    make = lambda: _searcher_class()(space=CategoricalSpace({"x": [1, 2]}), metric="m", mode="max",  # noqa: E731
+                                     study_name="s", storage=optuna.storages.RDBStorage(url))
+    first = make()
+    assert first.suggest("t1")["x"] in (1, 2)
+    first.save(str(tmp_path / "searcher.pkl"))  # the state Tune saved before the kill
+    first.on_trial_result("t1", {"m": 0.5, "training_iteration": 1})
+    first.on_trial_complete("t1", {"m": 0.7})
+    resumed = make()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("t1", {"m": 0.7, "training_iteration": 2})  # would raise UpdateFinishedTrialError
+    resumed.on_trial_complete("t1", {"m": 0.7})
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]
