@@ -39,12 +39,47 @@ def load_scores(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def newest_checkpoints(ckpt: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The trial's checkpoints, newest first, from the folder holding ``ckpt`` (any filesystem).
+
+    Tune's saved experiment state can lag the trial's own checkpoints by a few seconds (it
+    is saved every ``TUNE_GLOBAL_CHECKPOINT_S``); a driver killed in that window restores
+    the trial with an older checkpoint than the trial wrote. Resuming from the newest one
+    means no epoch is trained twice.
+    """
+    import pyarrow.fs
+
+    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    names = sorted((i.base_name for i in infos
+                    if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in names] or [ckpt]
+
+
+def restore(exp, ckpt: tune.Checkpoint) -> tune.Checkpoint:
+    """Load the newest readable checkpoint into ``exp``; returns it."""
+    for c in newest_checkpoints(ckpt):
+        with c.as_directory() as d:
+            try:
+                state = torch.load(Path(d) / STATE_FILE, map_location=exp.device, weights_only=True)
+            except Exception:  # noqa: BLE001 - missing or written only in part before a kill: try an older one
+                continue
+        exp.load_state_dict(state)
+        return c
+    raise FileNotFoundError(f"no readable {STATE_FILE} in the checkpoints next to {ckpt.path}")
+
+
 def train(config: dict[str, Any]) -> None:
     exp = build(config)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            exp.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=exp.device, weights_only=True))
+        ckpt = restore(exp, ckpt)
+        if exp.done:  # it had finished: report its final result again so Tune records it; no training
+            with ckpt.as_directory() as d:
+                final = json.loads((Path(d) / METRICS_FILE).read_text()) if (Path(d) / METRICS_FILE).exists() else {}
+                tune.report({"epoch": exp.epoch, "replayed": 1, "device": str(exp.device), **final},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+            return
     # Until the first evaluation every metric reads NaN: the searcher needs its key in each report.
     metrics: dict[str, float] = {k: float("nan") for k in exp.cfg.metric_names()}
     while not exp.done:

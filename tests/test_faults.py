@@ -173,3 +173,27 @@ def test_searcher_never_tells_optuna_twice(tmp_path):
     resumed.on_trial_complete("t1", {"m": 0.7})
     trials = optuna.load_study(study_name="s", storage=url).trials
     assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]
+
+
+def test_restore_takes_the_newest_readable_checkpoint(tmp_path):
+    """Tune's saved state may point at an older checkpoint than the trial wrote before a kill."""
+    import torch
+    from ray import tune
+
+    from oodlab.experiment import build
+    from oodlab.trainable import STATE_FILE, restore
+
+    cfg = dict(train_n=100, test_n=20, epochs=3, device="cpu")
+    exp = build(cfg)
+    for k in range(2):  # checkpoint_000000 (epoch 1), checkpoint_000001 (epoch 2)
+        exp.train_epoch()
+        exp.epoch += 1
+        (tmp_path / f"checkpoint_00000{k}").mkdir()
+        torch.save(exp.state_dict(), tmp_path / f"checkpoint_00000{k}" / STATE_FILE)
+    (tmp_path / "checkpoint_000002").mkdir()
+    (tmp_path / "checkpoint_000002" / STATE_FILE).write_bytes(b"\x80partial")  # cut short by the kill
+    fresh = build(cfg)
+    used = restore(fresh, tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000000")))
+    assert used.path.endswith("checkpoint_000001") and fresh.epoch == 2
+    for p, q in zip(exp.model.parameters(), fresh.model.parameters()):
+        torch.testing.assert_close(p, q)
