@@ -245,14 +245,18 @@ def _check_resumable(exp_dir: str) -> None:
     from oodlab.trainable import STATE_FILE
 
     for trial in sorted(Path(exp_dir).glob("trial_*")):
-        ckpts = sorted(trial.glob("checkpoint_*"))
-        if ckpts:
-            state = ckpts[-1] / STATE_FILE
+        errors = []
+        for ckpt in sorted(trial.glob("checkpoint_*"), reverse=True):
             try:
-                torch.load(state, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is fatal for resume
-                raise StudyError(f"--resume: checkpoint {state} cannot be loaded ({type(e).__name__}: {e}); "
-                                 f"delete {ckpts[-1]} to restart that trial from its previous checkpoint") from None
+                torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint counts
+                errors.append(f"{ckpt / STATE_FILE} cannot be loaded ({type(e).__name__}: {str(e)[:120]})")
+        else:
+            if errors:  # the trial has checkpoints and none is readable: refuse
+                raise StudyError("--resume: " + "; ".join(errors) + f"; delete {trial} to restart that trial")
+        if errors:
+            print(f"[oodlab] warning: {errors[0]}; {trial.name} resumes from an older checkpoint", flush=True)
 
 
 def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
