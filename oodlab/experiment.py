@@ -90,6 +90,15 @@ class TrialConfig:
         """Every flat metric the trial reports at an evaluation."""
         return [metric_name(m, o, s) for o in self.ood for s in self.score_names() for m in METRICS]
 
+    def check_data(self, shapes: dict[str, tuple[int, int, int]]) -> None:
+        """Check the method fits the data before any compute; ``shapes``: (spec, split) -> (C, H, W)
+        of every set in ``data_requests()`` as loaded (after padding). Raise ConfigError."""
+        train = shapes[(self.id, "train")]
+        for spec in (self.id, *self.ood):
+            if shapes[(spec, "test")] != train:
+                raise ConfigError(f"set {spec!r} has images of shape {shapes[(spec, 'test')]} but the ID set has "
+                                  f"{train}; make them match with modifiers such as [channels=3,size=32]")
+
     def score_names(self) -> tuple[str, ...]:
         """Names of the scores the method reports (higher = more OOD)."""
         return ()

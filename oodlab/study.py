@@ -104,17 +104,21 @@ def validate(spec: StudySpec, args: argparse.Namespace) -> None:
     if any(len(v) == 0 for v in spec.space.values()):
         raise StudyError(f"empty search dimension in {spec.space}")
     try:
-        for values in itertools.product(*spec.space.values()):
-            cfg = build_config({**spec.fixed, **dict(zip(spec.space, values))})
+        configs = [build_config({**spec.fixed, **dict(zip(spec.space, values))})
+                   for values in itertools.product(*spec.space.values())]
     except ConfigError as e:
         raise StudyError(f"bad configuration: {e}") from None
-    known = cfg.metric_names()
+    known = configs[0].metric_names()
     if spec.metric not in known:
         raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {', '.join(known)}")
-    try:  # load every set once: a missing file fails here, not inside a trial
-        for data_spec, split in cfg.data_requests():
-            data.load(data_spec, split)
-    except data.DataError as e:
+    shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
+    try:  # load every set once: a missing file or a model that does not fit the data fails here
+        for cfg in configs:
+            for req in cfg.data_requests():
+                if (*req, cfg.pad) not in shapes:
+                    shapes[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).shape
+            cfg.check_data({req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()})
+    except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 
 

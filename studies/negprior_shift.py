@@ -38,6 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "(e.g. none,aux) makes it a grid dimension")
     g.add_argument("--decoder", default="bernoulli", help="noise model: bernoulli | gaussian; a comma list "
                    "makes it a grid dimension")
+    g.add_argument("--arch", default="auto", choices=("auto", "gray", "color"),
+                   help="VAE architecture (auto: color for 3-channel data)")
     g.add_argument("--shifts", help="comma-separated shifts (default: paper grid for gray / color data)")
     g.add_argument("--neg-weight", type=float, default=1.0, help="weight of the negatives' KL term")
     g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 as the paper does")
@@ -55,7 +57,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         shifts = [shifts[0], shifts[3]]
     listed = {"negatives": args.negatives.split(","), "decoder": args.decoder.split(",")}
     grid = {k: v for k, v in listed.items() if len(v) > 1}
-    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, aux_split=args.aux_split,
+    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, arch=args.arch, aux_split=args.aux_split,
                  **{k: v[0] for k, v in listed.items() if len(v) == 1}, neg_weight=args.neg_weight, pad=args.pad, batch_size=args.batch_size,
                  lr=args.lr, optimizer=args.optimizer, iwae_k=args.iwae_k, eval_every=args.eval_every,
                  **common_overrides(args))

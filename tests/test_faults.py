@@ -143,6 +143,8 @@ def test_corrupt_or_foreign_state_refused_on_resume(tmp_path, ray_tmp):
     (["--gpus-per-trial", "1.5"], "whole number"),
     (["--decoder", "laplace"], "decoder must be one of"),
     (["--sampler", "annealing"], "invalid choice"),
+    (["--arch", "color"], "color architecture needs 32×32"),  # color model on 28×28 gray data
+    (["--ood", "uniform_noise[channels=3,size=32]"], "shape"),  # OOD set that does not fit the ID set
     (["--epochs", "two"], "invalid int value"),
 ])
 def test_unusable_stores_and_bad_flags_are_refused(tmp_path, ray_tmp, flags, match):

@@ -191,6 +191,17 @@ class Config(TrialConfig):
     def score_names(self) -> tuple[str, ...]:
         return ("bpd", "kl", "iwae") if self.iwae_k > 0 else ("bpd", "kl")
 
+    def check_data(self, shapes: dict) -> None:
+        super().check_data(shapes)
+        c, h, _ = shapes[(self.id, "train")]
+        if self.negatives == "aux" and shapes[(self.aux, self.aux_split)] != (c, h, h):
+            raise ConfigError(f"aux set {self.aux!r} has images of shape {shapes[(self.aux, self.aux_split)]} "
+                              f"but the ID set has {(c, h, h)}")
+        try:
+            VAEConfig(arch=auto_arch(self.arch, c), decoder=self.decoder, channels=c, size=h, latent_dim=self.latent_dim)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def data_requests(self) -> list[tuple[str, str]]:
         extra = {"aux": [(self.aux, self.aux_split)], **{s: [(s, "train")] for s in SYNTHETIC}}
         return super().data_requests() + extra.get(self.negatives, [])
