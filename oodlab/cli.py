@@ -58,10 +58,39 @@ def list_studies(storage: Path) -> int:
     return 0
 
 
+def optuna_summary(storage: Path, study: str, top: int = 5) -> str:
+    """Best trials and (with enough finished trials) Optuna's parameter importances."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = optuna.load_study(study_name=study, storage=f"sqlite:///{(storage / 'optuna.db').resolve()}")
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return "(no finished trials in Optuna)"
+    sign = -1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    lines = [f"### Best trials ({s.direction.name.lower()}, {len(done)} finished)", "",
+             "| trial | value | params |", "|---|---|---|"]
+    lines += [f"| {t.number} | {t.value:.4f} | {t.params} |" for t in sorted(done, key=lambda t: sign * t.value)[:top]]
+    varying = [k for k in done[0].params if len({str(t.params.get(k)) for t in done}) > 1]
+    if len(done) >= 3 and varying:
+        try:
+            imp = optuna.importance.get_param_importances(s, params=varying)
+            lines += ["", "### Parameter importance (Optuna fANOVA)", ""]
+            lines += [f"- {k}: {v:.3f}" for k, v in imp.items()]
+        except (RuntimeError, ValueError) as e:  # e.g. too few distinct values
+            lines += ["", f"(parameter importance unavailable: {e})"]
+    return "\n".join(lines)
+
+
 def report_study(storage: Path, study: str) -> int:
     from oodlab import report
 
+    if not (storage / "mlflow.db").exists():
+        print(f"error: no results under {storage} (looked for {storage / 'mlflow.db'})", file=sys.stderr)
+        return 2
     print(report.report(storage, study))
+    print()
+    print(optuna_summary(storage, study))
     return 0
 
 

@@ -47,3 +47,17 @@ def test_cli_errors_and_list(tmp_path):
 def test_cli_run_passes_flags_through(tmp_path):
     out = _oodlab("run", "negprior_shift", "--smoke", "--storage", tmp_path / "r", "--ood", "bogus")
     assert out.returncode == 2 and "unknown dataset 'bogus'" in out.stderr
+
+
+def test_optuna_summary_ranks_trials_and_reports_importance(tmp_path):
+    import optuna
+
+    from oodlab.cli import optuna_summary
+
+    s = optuna.create_study(study_name="imp", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    s.optimize(lambda t: t.suggest_float("x", 0, 1) + 0.0 * t.suggest_int("noise", 0, 3), n_trials=8)
+    text = optuna_summary(tmp_path, "imp", top=3)
+    values = [float(line.split("|")[2]) for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(values) == 3 and values == sorted(values, reverse=True) and values[0] == s.best_value
+    imp = dict(line[2:].split(": ") for line in text.splitlines() if line.startswith("- "))
+    assert float(imp["x"]) > float(imp["noise"])  # only x moves the objective
