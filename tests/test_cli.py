@@ -58,6 +58,6 @@ def test_optuna_summary_ranks_trials_and_reports_importance(tmp_path):
     s.optimize(lambda t: t.suggest_float("x", 0, 1) + 0.0 * t.suggest_int("noise", 0, 3), n_trials=8)
     text = optuna_summary(tmp_path, "imp", top=3)
     values = [float(line.split("|")[2]) for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(values) == 3 and values == sorted(values, reverse=True) and values[0] == s.best_value
+    assert len(values) == 3 and values == sorted(values, reverse=True) and values[0] == round(s.best_value, 4)
     imp = dict(line[2:].split(": ") for line in text.splitlines() if line.startswith("- "))
     assert float(imp["x"]) > float(imp["noise"])  # only x moves the objective
