@@ -13,6 +13,12 @@ encoder as proposal (Appendix B, 5000 samples in the paper; ``is_samples`` here)
 
     log p(x) ≈ logsumexp_k [ log p(x|z_k) + log p(z_k) − log q(z_k|x) ] − log k
 
+With ``model="glow"`` (``oodlab.models.glow``, paper Appendix B) the flow maps the
+dequantized image to z of full dimension D = C·H·W; each training image maximizes
+log p_{c(x)}(z) + log|det ∂z/∂x| (its own component), and the test likelihood is exact:
+
+    −log p(x) = −(log p_mix(z) + log|det ∂z/∂x|) + D log 256     (no importance sampling)
+
 Score ``nll`` = −log p(x) in nats (higher = more OOD). Evaluation also reports the
 mean NLL of every set and the OOD-minus-ID gap (``nll_gap_<ood>``; paper Table 1 gives
 MNIST's mean NLL). ``components=1`` is the standard-prior baseline.
@@ -33,11 +39,12 @@ from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
 from oodlab.mixture_priors import FAMILIES, MixturePrior
 from oodlab.plots import _pyplot
+from oodlab.models import glow
 from oodlab.models.mixture_vae import ARCHS, CatVAE, CatVAEConfig
 from oodlab.priors import log_normal
 from oodlab.scores import reparameterize
 
-MODELS = ("vae",)
+MODELS = ("vae", "glow")
 ASSIGNMENTS = ("labels", "kmeans")
 
 
@@ -69,6 +76,22 @@ def loss(model: CatVAE, prior: MixturePrior, x: torch.Tensor, comp: torch.Tensor
     kl = prior.kl_assigned(mu, logvar, z, comp)
     nelbo = (kl - rec).mean()
     return {"loss": nelbo, "rec": -rec.mean(), "kl": kl.mean()}
+
+
+def glow_loss(model: glow.Glow, prior: MixturePrior, x: torch.Tensor, comp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch-mean −log p(x) (nats, discrete bound) with each image's own component as prior;
+    ``bpd`` is the same in bits per dimension. x: uint8 (B, C, H, W)."""
+    z, logdet = model(glow.dequantize(x))
+    nll = -glow.log_px(prior.log_prob_assigned(z, comp), logdet, model.dims).mean()
+    return {"loss": nll, "bpd": nll / (model.dims * math.log(2)), "logdet": logdet.mean()}
+
+
+@torch.no_grad()
+def glow_log_likelihood(model: glow.Glow, prior: MixturePrior, x: torch.Tensor,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x) under the full mixture prior (one dequantization draw) and z; x uint8 -> (B,), (B, D)."""
+    z, logdet = model(glow.dequantize(x, generator))
+    return glow.log_px(prior.log_prob(z), logdet, model.dims), z
 
 
 @torch.no_grad()
@@ -127,7 +150,7 @@ def latent_axis_figure(axis0: dict[str, np.ndarray], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, v in axis0.items():
         ax.hist(v, bins=60, alpha=0.5, density=True, label=name)
-    ax.set(title="posterior mean, latent axis 0", xlabel="μ_0")
+    ax.set(title="latent axis 0 (VAE: posterior mean; Glow: z)", xlabel="z_0")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -141,14 +164,17 @@ class Config(TrialConfig):
     id: str = "fashion_mnist[labels=1,7]"  # paper §5.3: Trouser and Sneaker
     lr: float = 1e-3  # paper: Adam(β1=0.5, β2=0.9), constant 1e-3
     # --- model ---
-    model: str = "vae"  # "vae" (Table 2/3 with 256-way categorical decoder)
+    model: str = "vae"  # "vae" (Table 2/3 with 256-way categorical decoder) | "glow" (Appendix B)
     arch: str = "auto"  # "gray" (Table 2) | "color" (Table 3) | "auto" (color for 3-channel data)
-    latent_dim: int = 50  # paper: 50 gray, 100 color
+    latent_dim: int = 50  # VAE latent size (paper: 50 gray, 100 color); Glow's z has C·H·W dims
+    glow_steps: int = 8  # Glow flow steps (paper: 32 for Fashion-MNIST, 24 for CIFAR-10)
+    glow_hidden: int = 64  # Glow coupling-network width (OpenAI code: 512)
+    glow_squeezes: int = 2  # Glow squeezes spread over the steps (paper: 2 for 28×28, 3 for 32×32)
     # --- prior ---
     family: str = "gaussian"  # component family: "gaussian" | "gen_gaussian"
     beta: float = 4.0  # generalized-Gaussian shape (paper: 4); unused for gaussian
     components: int = 2  # K; 1 = standard N(0, I) prior (the baseline)
-    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2) or d·e_i (K > 2); paper VAE: 150
+    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2) or d·e_i (K > 2); paper: VAE 150, Glow 100
     assignment: str = "labels"  # how training images get components: "labels" | "kmeans"
     # --- evaluation ---
     is_samples: int = 64  # importance samples per test image (paper: 5000)
@@ -164,7 +190,10 @@ class Config(TrialConfig):
             (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
             (0.1 <= self.beta <= 100, f"beta must be in [0.1, 100], got {self.beta}"),
             (self.components >= 1, f"components must be >= 1, got {self.components}"),
-            (self.components <= 2 or self.components <= self.latent_dim,
+            (self.glow_steps >= 1, f"glow_steps must be >= 1, got {self.glow_steps}"),
+            (self.glow_hidden >= 1, f"glow_hidden must be >= 1, got {self.glow_hidden}"),
+            (1 <= self.glow_squeezes <= 4, f"glow_squeezes must be in 1..4, got {self.glow_squeezes}"),
+            (self.model == "glow" or self.components <= 2 or self.components <= self.latent_dim,
              f"components={self.components} at d·e_i need latent_dim >= components, got {self.latent_dim}"),
             (0 <= self.distance <= 10_000, f"distance must be in [0, 10000], got {self.distance}"),
             (self.is_samples >= 1, f"is_samples must be >= 1, got {self.is_samples}"),
@@ -180,20 +209,33 @@ class Config(TrialConfig):
 
 
 class Experiment(BaseExperiment):
-    """Data, component assignment, VAE, optimizer and progress of one mixture-prior trial."""
+    """Data, component assignment, VAE or Glow, optimizer and progress of one mixture-prior trial."""
 
     def __init__(self, cfg: Config):
         train = self.start(cfg)
         self.train_x = train.x  # (N, C, H, W) uint8 on device
         c, h, _ = self.train_x.shape[1:]
-        arch = auto_arch(cfg.arch, c)
         try:
-            self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(self.device)
+            if cfg.model == "glow":
+                self.model = glow.Glow(glow.GlowConfig(channels=c, size=h, steps=cfg.glow_steps, hidden=cfg.glow_hidden,
+                                                       squeezes=cfg.glow_squeezes)).to(self.device)
+            else:
+                arch = auto_arch(cfg.arch, c)
+                self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(self.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, cfg.latent_dim, cfg.beta, self.device)
+        dim = self.model.dims if cfg.model == "glow" else cfg.latent_dim
+        if cfg.components > 2 and cfg.components > dim:
+            raise ConfigError(f"components={cfg.components} at d·e_i need a latent of >= {cfg.components} dims, got {dim}")
+        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device)
         self.comp = self._assign(train)  # (N,) component of each training image
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        if cfg.model == "glow":
+            # Data-dependent actnorm init on up to 512 training images (fixed dequantization draw).
+            init_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+            self.model.initialize(glow.dequantize(self.train_x[:512], init_gen))
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)  # OpenAI Glow code: default betas
+        else:
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         self.gen = torch.Generator().manual_seed(cfg.seed)  # batch order
         self._last: dict[str, Any] | None = None  # latest evaluation, for write_artifacts
 
@@ -213,7 +255,10 @@ class Experiment(BaseExperiment):
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
-            parts = loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
+            if cfg.model == "glow":
+                parts = glow_loss(model, self.prior, self.train_x[idx], self.comp[idx])
+            else:
+                parts = loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
             self.opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.opt.step()
@@ -233,6 +278,11 @@ class Experiment(BaseExperiment):
         for name, s in self.test.items():
             nll, mus = [], []
             for i in range(0, len(s), self.cfg.eval_batch_size):
+                if self.cfg.model == "glow":  # exact likelihood; "posterior mean" = z itself
+                    ll, z = glow_log_likelihood(self.model, self.prior, s.x[i : i + self.cfg.eval_batch_size], gen)
+                    nll.append(-ll)
+                    mus.append(z)
+                    continue
                 x = data.to_float(s.x[i : i + self.cfg.eval_batch_size])
                 nll.append(-is_log_likelihood(self.model, self.prior, x, self.cfg.is_samples, gen, self.cfg.is_max_rows))
                 mus.append(self.model.encode(x)[0])
