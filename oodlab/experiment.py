@@ -11,6 +11,7 @@ everything a checkpoint needs. ``build`` picks them by the config's ``method`` k
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from pathlib import Path
@@ -167,6 +168,32 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
             raise ConfigError(f"set {name!r} has images of shape {s.shape} but the ID set has {train.shape}; "
                               "make them match with modifiers such as [channels=3,size=32]")
     return train, tests
+
+
+class EpochMeans:
+    """Running means of a training step's loss parts over one epoch.
+
+    ``add`` takes tensors (kept on the device: no sync per step) or floats; ``means``
+    returns floats and raises FloatingPointError naming the parts that went non-finite,
+    which the trainable turns into a failed trial with that reason.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.n = 0
+
+    def add(self, parts: dict[str, Any]) -> None:
+        for k, v in parts.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def means(self, epoch: int) -> dict[str, float]:
+        out = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
+        bad = [k for k, v in out.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch}; try a smaller lr")
+        return out
 
 
 @dataclass

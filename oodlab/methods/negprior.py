@@ -28,7 +28,6 @@ Sources of negatives x̄ (§III-C, §IV-C, Table III), the ``negatives`` config 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from torch import nn
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
+from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, auto_arch, set_key
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
 from oodlab.priors import kl_to_normal, log_normal
 from oodlab.scores import elbo_terms, reparameterize, score_batch
@@ -269,8 +268,7 @@ class Experiment(BaseExperiment):
         """One pass over the ID training set; returns mean loss terms."""
         cfg, model = self.cfg, self.model
         model.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_batches = 0
+        means = EpochMeans()
         for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
             x = data.to_float(self.train_x[idx])
             if cfg.negatives == "adversarial":
@@ -280,14 +278,8 @@ class Experiment(BaseExperiment):
                 self.opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 self.opt.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            n_batches += 1
-        out = {k: float(v) / n_batches for k, v in sums.items()}
-        bad = [k for k, v in out.items() if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {self.epoch + 1}; try a smaller lr")
-        return out
+            means.add(parts)
+        return means.means(self.epoch + 1)
 
     @torch.no_grad()
     def score(self) -> Scores:

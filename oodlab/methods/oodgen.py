@@ -31,7 +31,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check
+from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
@@ -269,8 +269,7 @@ class Experiment(BaseExperiment):
         out = self.train_cvae(cfg.cvae_epochs) if self.epoch == 0 else {}
         for m in self.clf.values():
             m.train()
-        sums: dict[str, float] = {}
-        n_batches = 0
+        means = EpochMeans()
         for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
             x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
             x_ood, _ = self.generate(max(1, round(cfg.ood_ratio * len(idx))))
@@ -278,12 +277,8 @@ class Experiment(BaseExperiment):
             if cfg.baselines:
                 parts["loss_plain"] = self.step_plain(x, y)
                 parts.update(self.step_confident(x, y))
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_batches += 1
-        out.update({k: v / n_batches for k, v in sums.items()})
-        if not all(math.isfinite(v) for v in out.values()):
-            raise FloatingPointError(f"non-finite loss in epoch {self.epoch + 1}: {out}; try a smaller lr")
+            means.add(parts)
+        out.update(means.means(self.epoch + 1))
         out.update(self.accuracies())
         out["loss"] = out["loss_n1"]
         return out
