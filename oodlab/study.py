@@ -24,14 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-# Save Tune's experiment state every 2 s (Tune's default is ~10 s; 0 = every loop step costs
-# ~25% of a training epoch on 2 cores). A SIGKILL inside that window is handled by design:
-# the searcher never tells Optuna twice, and a restored trial resumes from its own newest
-# checkpoint (trainable.restore), so nothing is trained or counted twice.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-
-from oodlab import data  # noqa: E402
-from oodlab.experiment import ConfigError, build_config  # noqa: E402
+from oodlab import data
+from oodlab.experiment import ConfigError, build_config
 
 SAMPLERS = ("grid", "tpe", "random")
 
@@ -266,6 +260,11 @@ def _check_resumable(exp_dir: str) -> None:
 def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run (or resume) the study; returns one row per trial: config values + target metric."""
     validate(spec, args)
+    # Save Tune's experiment state every 2 s (Tune's default is ~10 s; 0 = every loop step costs
+    # ~25% of a training epoch on 2 cores). A SIGKILL inside that window is handled by design:
+    # the searcher never tells Optuna twice, and a restored trial resumes from its own newest
+    # checkpoint (trainable.restore), so nothing is trained or counted twice.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     import optuna
     import ray
     from ray import tune
