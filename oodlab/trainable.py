@@ -80,6 +80,7 @@ def train(config: dict[str, Any]) -> None:
                 tune.report({"epoch": exp.epoch, "replayed": 1, "device": str(exp.device), **final},
                             checkpoint=tune.Checkpoint.from_directory(d))
             return
+    start_epoch = exp.epoch  # > 0 when this run continues from a checkpoint (recorded in every report)
     # Until the first evaluation every metric reads NaN: the searcher needs its key in each report.
     metrics: dict[str, float] = {k: float("nan") for k in exp.cfg.metric_names()}
     while not exp.done:
@@ -97,5 +98,6 @@ def train(config: dict[str, Any]) -> None:
                 (Path(d) / METRICS_FILE).write_text(json.dumps(res.metrics, indent=1, sort_keys=True))
                 (Path(d) / ARTIFACTS_DIR).mkdir()
                 exp.write_artifacts(Path(d) / ARTIFACTS_DIR)
-            report = {"epoch": res.epoch, "epoch_s": res.seconds, "device": str(exp.device), **res.train, **metrics}
+            report = {"epoch": res.epoch, "start_epoch": start_epoch, "epoch_s": res.seconds,
+                      "device": str(exp.device), **res.train, **metrics}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
