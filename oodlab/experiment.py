@@ -147,6 +147,20 @@ def auto_arch(arch: str, channels: int) -> str:
     return arch if arch != "auto" else ("color" if channels == 3 else "gray")
 
 
+def score_sets(sets: dict[str, data.ImageSet], batch_size: int,
+               score_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> Scores:
+    """Scores of every set, ``{set: {score: (N,) array}}``: ``score_batch`` maps a float [0,1]
+    batch to ``{score: (B,)}``; sets are sliced into batches on their device."""
+    out = {}
+    for name, s in sets.items():
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(s), batch_size):
+            for k, v in score_batch(data.to_float(s.x[i : i + batch_size])).items():
+                parts.setdefault(k, []).append(v.detach())
+        out[name] = {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
+    return out
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

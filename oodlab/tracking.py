@@ -9,6 +9,7 @@ study never duplicates a run or a point.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,6 @@ def _client(uri: str):
 
 def check_reachable(uri: str) -> None:
     """Fail fast (before any compute) when the tracking store cannot be reached."""
-    import os
-
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
     try:

@@ -82,13 +82,13 @@ def train(config: dict[str, Any]) -> None:
             return
     start_epoch = exp.epoch  # > 0 when this run continues from a checkpoint (recorded in every report)
     # Until the first evaluation every metric reads NaN: the searcher needs its key in each report.
-    metrics: dict[str, float] = {k: float("nan") for k in exp.cfg.metric_names()}
+    nan_table = {k: float("nan") for k in exp.cfg.metric_names()}
+    metrics = nan_table
     while not exp.done:
         try:
             res = exp.step()
         except FloatingPointError as e:  # diverged: end this trial as failed, not retried
-            nan = {k: float("nan") for k in exp.cfg.metric_names()}
-            tune.report({"epoch": exp.epoch + 1, **nan, "error": str(e)})
+            tune.report({"epoch": exp.epoch + 1, **nan_table, "error": str(e)})
             return
         metrics = res.metrics or metrics  # between evaluations, repeat the latest table
         with tempfile.TemporaryDirectory() as d:

@@ -37,7 +37,7 @@ from torch import nn
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, auto_arch, set_key
+from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, auto_arch, score_sets, set_key
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
 from oodlab.priors import kl_to_normal, log_normal
 from oodlab.scores import elbo_terms, reparameterize, score_batch
@@ -285,15 +285,7 @@ class Experiment(BaseExperiment):
     def score(self) -> Scores:
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
-        out = {}
-        for name, s in self.test.items():
-            parts: dict[str, list[torch.Tensor]] = {}
-            for i in range(0, len(s), self.cfg.eval_batch_size):
-                x = data.to_float(s.x[i : i + self.cfg.eval_batch_size])
-                for k, v in score_batch(self.model, x, self.cfg.iwae_k, gen).items():
-                    parts.setdefault(k, []).append(v)
-            out[name] = {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
-        return out
+        return score_sets(self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen))
 
     @torch.no_grad()
     def write_artifacts(self, folder: Path) -> None:

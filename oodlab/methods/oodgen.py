@@ -31,7 +31,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check
+from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, score_sets
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
@@ -335,17 +335,10 @@ class Experiment(BaseExperiment):
         maha = None
         if cfg.baselines:
             maha = cb.MahalanobisDetector(cfg.maha_eps).fit(self.clf["plain"], data.to_float(self.train_x), self.train_y, self.n)
-        out: Scores = {}
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # MC-dropout draws must not move training's RNG
             torch.manual_seed(cfg.seed + 1)
-            for name, s in self.test.items():
-                parts: dict[str, list[torch.Tensor]] = {}
-                for i in range(0, len(s), cfg.eval_batch_size):
-                    for k, v in self.score_batch(data.to_float(s.x[i : i + cfg.eval_batch_size]), maha).items():
-                        parts.setdefault(k, []).append(v.detach())
-                out[name] = {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
-        return out
+            return score_sets(self.test, cfg.eval_batch_size, lambda x: self.score_batch(x, maha))
 
     def score_batch(self, x: torch.Tensor, maha: cb.MahalanobisDetector | None) -> dict[str, torch.Tensor]:
         """Every detector's score for one batch, (B,) each, higher = more OOD."""
