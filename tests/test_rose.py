@@ -107,7 +107,7 @@ def test_likelihood_regret_batched_equals_loop():
     g = torch.Generator().manual_seed(3)
     eps_train, eps_eval = torch.randn(3, 4, 3, generator=g), torch.randn(3, 4, 3, generator=g)
     xf = data.to_float(x)
-    stacked = lb.refit_encoders(m, xf, eps_train, lr=0.05)
+    stacked = m.as_conv_weights(lb.refit_encoders(m, xf, eps_train, lr=0.05))
     for j in range(3):  # every copy equals its own torch.optim.Adam run, and moved from the start
         mj = lb.refit_encoder_loop(m, xf[j : j + 1], eps_train[j : j + 1], lr=0.05)
         for k, p in mj.named_parameters():

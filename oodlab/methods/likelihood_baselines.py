@@ -3,9 +3,9 @@
 * ``iwae_bpd``        NLL: −log p(x) by the IWAE bound with k samples, bits/dim (Burda et al.).
 * Likelihood Regret   (Xiao et al., LR_E): re-fit the encoder to one image for T Adam steps,
                       score = NLL_before − NLL_after. ``likelihood_regret_batched`` optimises a
-                      batch of encoder copies at once (``torch.func.functional_call`` + ``vmap``
-                      over stacked parameters, Adam written out elementwise); it equals
-                      ``likelihood_regret_loop`` (one ``torch.optim.Adam`` per image).
+                      batch of encoder copies at once (stacked weights, each conv one batched
+                      matmul, ``RoseVAE.encode_copies``; one fused Adam over the stacks); it
+                      equals ``likelihood_regret_loop`` (one ``torch.optim.Adam`` per image).
 * Likelihood Ratio    (Ren et al.): −LLR = NLL_main − NLL_background, the background VAE trained
                       on perturbed inputs with L2 strength λ (``oodlab.methods.rose.ensure_vae``).
 * Input Complexity    (Serrà et al.): S = NLL_bpd − L(x), L the PNG / JPEG-2000 (lossless)
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
 
 from oodlab import data
 from oodlab.models.rose_vae import RoseVAE, elbo
@@ -47,74 +46,64 @@ def iwae_from_stats(model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: t
     return torch.logsumexp(log_px + log_pz - log_qz, 1) - math.log(k)
 
 
+def iwae_chunked(model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,
+                 rows: int | None = None) -> torch.Tensor:
+    """``iwae_from_stats`` over B images in passes of about ``rows`` decoder rows (default: the device's best)."""
+    step = max(1, (rows or model.rows_per_pass(x.device)) // eps.shape[1])
+    return torch.cat([iwae_from_stats(model, x[i : i + step], mu[i : i + step], logvar[i : i + step], eps[i : i + step])
+                      for i in range(0, len(x), step)])
+
+
 @torch.no_grad()
-def iwae_bpd(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, rows: int = 256) -> torch.Tensor:
+def iwae_bpd(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """NLL in bits/dim by IWAE with k = eps.shape[1] samples, (N,); about ``rows`` decoder rows per pass."""
-    step = max(1, rows // eps.shape[1])
     out = []
-    for i in range(0, len(x_u8), step):
-        x = data.to_float(x_u8[i : i + step])
-        mu, logvar = model.encode(x)
-        out.append(iwae_from_stats(model, x, mu, logvar, eps[i : i + step]))
+    for i in range(0, len(x_u8), 256):  # the encoder is cheap: wide batches
+        x = data.to_float(x_u8[i : i + 256])
+        out.append(iwae_chunked(model, x, *model.encode(x), eps[i : i + 256], rows))
     return -torch.cat(out) / (model.dims * math.log(2.0))
 
 
 # ---------------------------------------------------------------- Likelihood Regret
 
 
-def _enc_params(model: RoseVAE) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.named_parameters() if k.startswith("enc.")}
-
-
-def _adam_step(p, g, m, v, t: int, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
-    """In-place Adam update, the same arithmetic as ``torch.optim.Adam`` (elementwise, so stacking is exact)."""
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-
-
-def _encode(model: RoseVAE):
-    return lambda p, x: functional_call(model, p, (x[None],))  # model.forward = encode; one image per copy
-
-
-def refit_encoders(model: RoseVAE, x: torch.Tensor, eps_train: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-    """B encoder copies, copy j fitted to image j by T Adam steps on its −ELBO; stacked params (B, ...).
+def refit_encoders(model: RoseVAE, x: torch.Tensor, eps_train: torch.Tensor, lr: float) -> list[torch.Tensor]:
+    """B encoder copies, copy j fitted to image j by T Adam steps on its −ELBO (``encoder_copies`` layout).
 
     x (B, C, H, W) in [0,1]; eps_train (B, T, D). The copies are independent, so the gradient of
-    Σ_j −ELBO_j w.r.t. the stacked parameters is every copy's own gradient.
+    Σ_j −ELBO_j w.r.t. the stacked weights is every copy's own gradient, and one Adam over the
+    stacked tensors is B Adams (it is elementwise); fused, it is 9× faster than Adam written out.
     """
-    b, encode = len(x), _encode(model)
-    params = {k: v.expand(b, *v.shape).clone().requires_grad_(True) for k, v in _enc_params(model).items()}
-    m = {k: torch.zeros_like(v) for k, v in params.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    weights = [w.requires_grad_(True) for w in model.encoder_copies(len(x))]
+    opt = torch.optim.Adam(weights, lr=lr, fused=True)
     for t in range(eps_train.shape[1]):
-        mu, logvar = (o.squeeze(1) for o in vmap(encode)(params, x))  # (B, D) each
+        mu, logvar = model.encode_copies(weights, x)
         z = mu + eps_train[:, t] * (0.5 * logvar).exp()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
         loss = (kl - model.log_px(x, model.decode(z))).sum()
-        grads = torch.autograd.grad(loss, list(params.values()))
-        with torch.no_grad():
-            for (k, p), g in zip(params.items(), grads):
-                _adam_step(p, g, m[k], v2[k], t + 1, lr)
-    return {k: v.detach() for k, v in params.items()}
+        for w, g in zip(weights, torch.autograd.grad(loss, weights)):  # not .backward(): no decoder weight grads
+            w.grad = g
+        opt.step()
+    return [w.detach() for w in weights]
 
 
 def likelihood_regret_batched(model: RoseVAE, x_u8: torch.Tensor, eps_train: torch.Tensor, eps_eval: torch.Tensor,
-                              lr: float = 1e-4, batch: int = 32) -> torch.Tensor:
+                              lr: float = 1e-4, batch: int | None = None) -> torch.Tensor:
     """Likelihood Regret NLL_before − NLL_after (bits/dim) of every image, (N,), ``batch`` encoder copies at once.
 
     eps_train (N, T, D): the ELBO noise of each step; eps_eval (N, k, D): the IWAE noise,
-    shared by the before and after likelihoods.
+    shared by the before and after likelihoods. ``batch`` defaults to the device's decoder
+    rows per pass (8 on a CPU: 4 or 16 copies were 15% slower per image).
     """
+    batch = batch or model.rows_per_pass(x_u8.device)
     before = -iwae_bpd(model, x_u8, eps_eval)
     after = []
     for i in range(0, len(x_u8), batch):
         x = data.to_float(x_u8[i : i + batch])
-        params = refit_encoders(model, x, eps_train[i : i + batch], lr)
+        weights = refit_encoders(model, x, eps_train[i : i + batch], lr)
         with torch.no_grad():
-            mu, logvar = (o.squeeze(1) for o in vmap(_encode(model))(params, x))
-            after.append(iwae_from_stats(model, x, mu, logvar, eps_eval[i : i + batch]))
+            mu, logvar = model.encode_copies(weights, x)
+            after.append(iwae_chunked(model, x, mu, logvar, eps_eval[i : i + batch]))
     return torch.cat(after) / (model.dims * math.log(2.0)) - before
 
 

@@ -132,12 +132,13 @@ class RoseFit:
         return F.relu((self.layer_scores(terms) - self.mean) / self.std).amax(1)
 
 
-def _passes(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, batch: int) -> Iterator[tuple[int, list]]:
+def _passes(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, batch: int | None) -> Iterator[tuple[int, list]]:
+    batch = batch or model.rows_per_pass(x_u8.device)
     for i in range(0, len(x_u8), batch):
         yield i, layer_terms(model, data.to_float(x_u8[i : i + batch]), eps[i : i + batch])
 
 
-def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple[str, ...], batch: int = 128,
+def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple[str, ...], batch: int | None = None,
              damping: float = 1e-3) -> dict[str, RoseFit]:
     """Fit the preconditioners and z-score statistics on N ID images (Algorithm 1), in batches.
 
@@ -172,7 +173,7 @@ def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple
     return fits
 
 
-def rose_scores(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, fits: dict[str, RoseFit], batch: int = 128) -> dict[str, torch.Tensor]:
+def rose_scores(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, fits: dict[str, RoseFit], batch: int | None = None) -> dict[str, torch.Tensor]:
     """ROSE of every image under every fitted preconditioner, {kind: (N,)}; one backward pass serves all."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in fits}
     for _, terms in _passes(model, x_u8, eps, batch):
@@ -264,7 +265,7 @@ class Config(TrialConfig):
     preconditioner: str = "ekfac"  # for the score "rose": "diag" | "ekfac"
     fisher_n: int = 1000  # ID training images the Fisher and z-scores are fitted on (paper Fig. 5: 10…10K)
     damping: float = 1e-3  # added to the Fisher's diagonal / eigenvalues, relative to their mean
-    grad_batch: int = 128  # images per per-sample-gradient pass
+    grad_batch: int | None = None  # images per per-sample-gradient pass (None: the device's best; 8 on CPU)
     iwae_k: int = 20  # IWAE samples for NLL, LR, LRatio, IC (paper: 20)
     lr_steps: int = 100  # Likelihood Regret: encoder re-optimisation steps per image
     lr_lr: float = 1e-4  # Likelihood Regret: Adam learning rate
@@ -286,7 +287,7 @@ class Config(TrialConfig):
             (self.width >= 1 and self.latent_dim >= 1, "width and latent_dim must be >= 1"),
             (self.fisher_n >= 2, f"fisher_n must be >= 2, got {self.fisher_n}"),
             (self.damping >= 0, f"damping must be >= 0, got {self.damping}"),
-            (self.grad_batch >= 1, f"grad_batch must be >= 1, got {self.grad_batch}"),
+            (self.grad_batch is None or self.grad_batch >= 1, f"grad_batch must be >= 1, got {self.grad_batch}"),
             (self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}"),
             (self.lr_steps >= 1 and self.lr_lr > 0, "lr_steps must be >= 1 and lr_lr > 0"),
             (self.lr_n is None or self.lr_n >= 1, f"lr_n must be >= 1, got {self.lr_n}"),
@@ -381,7 +382,7 @@ class Experiment(BaseExperiment):
                 xs = x[: cfg.lr_n] if cfg.lr_n else x
                 out[name]["lr"] = lb.likelihood_regret_batched(
                     model, xs, self._eps(len(xs), 4, cfg.lr_steps), self._eps(len(xs), 5, cfg.iwae_k),
-                    lr=cfg.lr_lr, batch=cfg.grad_batch // 4 or 1)
+                    lr=cfg.lr_lr)
             if rnd is not None:
                 out[name]["rnd"] = lb.rnd_score(rnd, x)
         return {name: {k: v.detach().cpu().numpy().astype(np.float64) for k, v in d.items()} for name, d in out.items()}

@@ -76,9 +76,31 @@ class RoseVAE(nn.Module):
         mu, logvar, _, _ = self.encode_with_preacts(x)
         return mu, logvar
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """= ``encode``, so ``torch.func.functional_call`` can run encoder copies."""
-        return self.encode(x)
+    def encoder_copies(self, b: int) -> list[torch.Tensor]:
+        """``b`` copies of the encoder's conv weights, per layer (b, C_in·k·k, C_out): ``encode_copies``' layout."""
+        return [w.detach().flatten(1).T.expand(b, -1, -1).contiguous() for w in self.encoder_parameters()]
+
+    def encode_copies(self, weights: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder copy j (its own weights, ``encoder_copies`` layout) on image j: μ, log σ² (B, D).
+
+        Each conv is im2col + one batched matmul, patches (B, L, C_in·k·k) @ W (B, C_in·k·k, C_out):
+        on the 2-core CPU 2.2× faster than ``vmap`` of ``functional_call`` (a grouped conv). This
+        operand order avoids a matrix-vector ``bmm`` (slow for the 4×4 head) and gives contiguous
+        weight gradients, which fused Adam needs.
+        """
+        h = x
+        for i, (conv, w) in enumerate(zip(self.enc, weights)):
+            side = (h.shape[-1] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            cols = F.unfold(h, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (B, C_in·k·k, L)
+            a = torch.bmm(cols.transpose(1, 2), w).transpose(1, 2).reshape(len(x), -1, side, side)
+            h = F.relu(a) if i < len(self.enc) - 1 else a
+        mu, logvar = h.flatten(1).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def as_conv_weights(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``encoder_copies``-layout weights back to stacked conv weights {"enc.i.weight": (B, C_out, C_in, k, k)}."""
+        return {f"enc.{i}.weight": w.transpose(1, 2).reshape(len(w), *conv.weight.shape)
+                for i, (conv, w) in enumerate(zip(self.enc, weights))}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, D) -> logits (B, 256, C, H, W)."""
@@ -88,6 +110,18 @@ class RoseVAE(nn.Module):
 
     def log_px(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return likelihoods.categorical256(x, logits)
+
+    def rows_per_pass(self, device: torch.device | str) -> int:
+        """Images per decoder pass for batched scoring: as many as the device runs fastest.
+
+        A row's 256-way logits take 1 MiB at 1×32×32. On a CPU a pass is fastest while its
+        logits stay in cache: 8 rows scored NLL and ROSE 2–2.5× faster per image than 128 on
+        the 2-core dev machine, and 32 rows already fell off the cliff (benchmarks/README.md).
+        A GPU wants wide passes; 256 rows of logits are 256 MiB of its memory.
+        """
+        row_bytes = 256 * self.dims * 4
+        budget = 8 * 2**20 if torch.device(device).type == "cpu" else 256 * 2**20
+        return max(1, budget // row_bytes)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.enc.parameters())
