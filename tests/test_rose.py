@@ -246,3 +246,20 @@ def test_study_smoke_end_to_end(tmp_path):
         assert "auroc_brightness_std_rose" in r.data.metrics
         files = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"roc.png", "scores.npz", "metrics.json"} <= files
+
+
+def test_train_vae_micro_batches_give_the_one_pass_step():
+    m, ref, x = _tiny(5), _tiny(5), _images(20, 5)
+    assert m.rows_per_pass("cpu") < 20  # so the batch really is split
+    history = rose.train_vae(m, x, epochs=1, batch_size=20, lr=1e-2, seed=0)  # micro-batches 8 + 8 + 4
+    gen = torch.Generator().manual_seed(0)  # replay the one step as a single pass, same draws
+    idx = next(iter(data.batch_indices(20, 20, shuffle=True, generator=gen, device=x.device)))
+    eps = torch.randn(20, 3, generator=gen)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    loss = -elbo(ref, data.to_float(x[idx]), eps).mean() / ref.dims
+    loss.backward()
+    opt.step()
+    assert history[0] == pytest.approx(loss.item(), rel=1e-5)  # the logged loss is the batch's, not a micro-batch's
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(m.parameters(), _tiny(5).parameters()))  # it trained
