@@ -263,3 +263,23 @@ def test_train_vae_micro_batches_give_the_one_pass_step():
     for p, q in zip(m.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert any((p - q).abs().max() > 1e-3 for p, q in zip(m.parameters(), _tiny(5).parameters()))  # it trained
+
+
+def test_encode_copies_is_the_encoder_per_image():
+    m, x = _tiny(6), data.to_float(_images(3, 6))
+    copies = m.encoder_copies(3)
+    with torch.no_grad():
+        for got, want in zip(m.encode_copies(copies, x), m.encode(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        before = m.encode_copies(copies, x)[0]
+        copies[3][1] += 0.1  # change copy 1's head only: image 1 alone moves
+        moved = (m.encode_copies(copies, x)[0] - before).abs().amax(1)
+    assert moved[1] > 1e-3 and moved[0] == 0 and moved[2] == 0
+    for name, w in m.as_conv_weights(m.encoder_copies(2)).items():
+        torch.testing.assert_close(w[1], dict(m.named_parameters())[name])
+
+
+def test_rows_per_pass_fits_the_device():
+    gray, color = RoseVAE(RoseVAEConfig()), RoseVAE(RoseVAEConfig(channels=3))
+    assert gray.rows_per_pass("cpu") == 8 and color.rows_per_pass("cpu") == 2  # 8 MiB of 256-way logits
+    assert gray.rows_per_pass("cuda") == 256  # a GPU wants wide passes (no GPU needed to ask)
