@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from oodlab import data  # noqa: E402
 from oodlab.methods import likelihood_baselines as lb  # noqa: E402
@@ -35,6 +36,27 @@ def timed(fn, warmup=None) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def gflop(fn) -> float:
+    """Matmul/conv GFLOP of one call of ``fn`` (forward and backward), by ``torch.utils.flop_counter``."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(dev: torch.device) -> float:
+    """GFLOP/s of a 2048² float32 matmul: what this machine's BLAS reaches at best."""
+    a = torch.randn(2048, 2048, device=dev)
+    best = min(timed(lambda: (a @ a).sum().item())[0] for _ in range(3))
+    return 2 * 2048**3 / best / 1e9
+
+
+def report_floor(name: str, f_batched: float, s_batched: float, f_loop: float, s_loop: float, peak: float) -> None:
+    """Achieved GFLOP/s per path, and the ratio the batched path would reach even at the matmul peak."""
+    print(f"{name}_gflops_per_s_batched={f_batched / s_batched:.1f}")
+    print(f"{name}_gflops_per_s_loop={f_loop / s_loop:.1f}")
+    print(f"{name}_ratio_at_matmul_peak={(f_batched / peak) / s_loop:.3f}  # the lowest batched ÷ looped this machine allows")
 
 
 def rose_loop(model, x, eps, fits) -> torch.Tensor:
@@ -72,6 +94,10 @@ def main() -> None:
     assert torch.allclose(sb, sl, rtol=1e-3, atol=1e-3)  # same scores, batched or looped
     print(f"rose_loop_img_per_s={m / t_l:.1f}")
     print(f"rose_batched_vs_loop={per_image['diag'] / (t_l / m):.3f}  # seconds per image, batched ÷ looped")
+    peak = matmul_peak_gflops(dev)
+    print(f"matmul_peak_gflops_per_s={peak:.1f}")
+    report_floor("rose", gflop(lambda: rose.rose_scores(model, x, eps, {"diag": fits["diag"]}, batch=rows)) / a.n,
+                 per_image["diag"], gflop(lambda: rose_loop(model, x[:m], eps[:m], fits)) / m, t_l / m, peak)
 
     k = torch.randn(a.n, a.iwae_k, 100, device=dev)
     t, _ = timed(lambda: lb.iwae_bpd(model, x, k, rows=rows))
@@ -91,6 +117,8 @@ def main() -> None:
     print(f"lr_img_per_s={nb / t_b:.2f}  # {a.lr_steps} steps, {copies} encoder copies per pass")
     print(f"lr_loop_img_per_s={m / t_l:.2f}")
     print(f"lr_batched_vs_loop={(t_b / nb) / (t_l / m):.3f}  # seconds per image, batched ÷ looped")
+    report_floor("lr", gflop(lambda: lb.likelihood_regret_batched(model, x[:nb], et, ee, lr=1e-4, batch=copies)) / nb, t_b / nb,
+                 gflop(lambda: lb.likelihood_regret_loop(model, x[:m], et[:m], ee[:m], lr=1e-4)) / m, t_l / m, peak)
 
 
 if __name__ == "__main__":
