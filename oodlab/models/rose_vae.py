@@ -112,7 +112,7 @@ class RoseVAE(nn.Module):
         return likelihoods.categorical256(x, logits)
 
     def rows_per_pass(self, device: torch.device | str) -> int:
-        """Images per decoder pass for batched scoring: as many as the device runs fastest.
+        """Images per decoder pass (scoring passes, training micro-batches): what the device runs fastest.
 
         A row's 256-way logits take 1 MiB at 1×32×32. On a CPU a pass is fastest while its
         logits stay in cache: 8 rows scored NLL and ROSE 2–2.5× faster per image than 128 on
