@@ -226,6 +226,8 @@ class Experiment:
     cfg: TrialConfig
     device: torch.device
     epoch: int = 0
+    train_x: torch.Tensor  # ID training images, uint8 on the device (for ``shuffled_epoch``)
+    gen: torch.Generator  # the trial's batch-order generator (for ``shuffled_epoch``)
 
     def start(self, cfg: TrialConfig) -> data.ImageSet:
         """Common start of a method's ``__init__``: config, device, seed, test sets on the
@@ -237,6 +239,15 @@ class Experiment:
 
     def train_epoch(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def shuffled_epoch(self, step: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, float]:
+        """One shuffled pass over ``self.train_x`` in ``cfg.batch_size`` batches, the order drawn from
+        ``self.gen``: ``step(idx)`` trains on one batch and returns its loss parts; returns their means."""
+        means = EpochMeans()
+        for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen,
+                                      device=self.device):
+            means.add(step(idx))
+        return means.means(self.epoch + 1)
 
     def score(self) -> Scores:
         raise NotImplementedError

@@ -36,7 +36,7 @@ import torch
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, auto_arch, set_key
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
 from oodlab.mixture_priors import FAMILIES, MixturePrior
 from oodlab.plots import _pyplot
 from oodlab.models import glow
@@ -252,8 +252,8 @@ class Experiment(BaseExperiment):
     def train_epoch(self) -> dict[str, float]:
         cfg, model = self.cfg, self.model
         model.train()
-        means = EpochMeans()
-        for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
+
+        def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             if cfg.model == "glow":
                 parts = glow_loss(model, self.prior, self.train_x[idx], self.comp[idx])
             else:
@@ -261,8 +261,9 @@ class Experiment(BaseExperiment):
             self.opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.opt.step()
-            means.add(parts)
-        return means.means(self.epoch + 1)
+            return parts
+
+        return self.shuffled_epoch(step)
 
     @torch.no_grad()
     def score(self) -> Scores:

@@ -37,7 +37,7 @@ from torch import nn
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, auto_arch, score_sets, set_key
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, score_sets, set_key
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
 from oodlab.priors import kl_to_normal, log_normal
 from oodlab.scores import elbo_terms, reparameterize, score_batch
@@ -268,18 +268,18 @@ class Experiment(BaseExperiment):
         """One pass over the ID training set; returns mean loss terms."""
         cfg, model = self.cfg, self.model
         model.train()
-        means = EpochMeans()
-        for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
+
+        def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = data.to_float(self.train_x[idx])
             if cfg.negatives == "adversarial":
-                parts = adversarial_step(model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg)
-            else:
-                parts = loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
-                self.opt.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                self.opt.step()
-            means.add(parts)
-        return means.means(self.epoch + 1)
+                return adversarial_step(model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg)
+            parts = loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
+            self.opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            self.opt.step()
+            return parts
+
+        return self.shuffled_epoch(step)
 
     @torch.no_grad()
     def score(self) -> Scores:

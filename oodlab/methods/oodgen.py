@@ -31,7 +31,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.experiment import ConfigError, EpochMeans, Scores, TrialConfig, _check, score_sets
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, score_sets
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
@@ -269,16 +269,17 @@ class Experiment(BaseExperiment):
         out = self.train_cvae(cfg.cvae_epochs) if self.epoch == 0 else {}
         for m in self.clf.values():
             m.train()
-        means = EpochMeans()
-        for idx in data.batch_indices(len(self.train_x), cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
+
+        def step(idx: torch.Tensor) -> dict[str, float]:
             x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
             x_ood, _ = self.generate(max(1, round(cfg.ood_ratio * len(idx))))
             parts = {"loss_n1": self.step_n1(x, y, x_ood)}
             if cfg.baselines:
                 parts["loss_plain"] = self.step_plain(x, y)
                 parts.update(self.step_confident(x, y))
-            means.add(parts)
-        out.update(means.means(self.epoch + 1))
+            return parts
+
+        out.update(self.shuffled_epoch(step))
         out.update(self.accuracies())
         out["loss"] = out["loss_n1"]
         return out
