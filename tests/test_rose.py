@@ -31,6 +31,11 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+def _as_conv_weights(m: RoseVAE, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``encoder_copies``-layout weights back to stacked conv weights {"enc.i.weight": (B, C_out, C_in, k, k)}."""
+    return {f"enc.{i}.weight": w.transpose(1, 2).reshape(len(w), *conv.weight.shape) for i, (conv, w) in enumerate(zip(m.enc, weights))}
+
+
 def _naive_grads(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
     """Per-image autograd, one image at a time: (N, C_out, Din) per layer."""
     out = [[] for _ in model.enc]
@@ -107,7 +112,7 @@ def test_likelihood_regret_batched_equals_loop():
     g = torch.Generator().manual_seed(3)
     eps_train, eps_eval = torch.randn(3, 4, 3, generator=g), torch.randn(3, 4, 3, generator=g)
     xf = data.to_float(x)
-    stacked = m.as_conv_weights(lb.refit_encoders(m, xf, eps_train, lr=0.05))
+    stacked = _as_conv_weights(m, lb.refit_encoders(m, xf, eps_train, lr=0.05))
     for j in range(3):  # every copy equals its own torch.optim.Adam run, and moved from the start
         mj = lb.refit_encoder_loop(m, xf[j : j + 1], eps_train[j : j + 1], lr=0.05)
         for k, p in mj.named_parameters():
@@ -275,7 +280,7 @@ def test_encode_copies_is_the_encoder_per_image():
         copies[3][1] += 0.1  # change copy 1's head only: image 1 alone moves
         moved = (m.encode_copies(copies, x)[0] - before).abs().amax(1)
     assert moved[1] > 1e-3 and moved[0] == 0 and moved[2] == 0
-    for name, w in m.as_conv_weights(m.encoder_copies(2)).items():
+    for name, w in _as_conv_weights(m, m.encoder_copies(2)).items():
         torch.testing.assert_close(w[1], dict(m.named_parameters())[name])
 
 

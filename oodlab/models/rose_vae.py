@@ -97,11 +97,6 @@ class RoseVAE(nn.Module):
         mu, logvar = h.flatten(1).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def as_conv_weights(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``encoder_copies``-layout weights back to stacked conv weights {"enc.i.weight": (B, C_out, C_in, k, k)}."""
-        return {f"enc.{i}.weight": w.transpose(1, 2).reshape(len(w), *conv.weight.shape)
-                for i, (conv, w) in enumerate(zip(self.enc, weights))}
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, D) -> logits (B, 256, C, H, W)."""
         out = self.dec(z[:, :, None, None])
