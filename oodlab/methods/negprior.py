@@ -190,6 +190,11 @@ class Config(TrialConfig):
     def score_names(self) -> tuple[str, ...]:
         return ("bpd", "kl", "iwae") if self.iwae_k > 0 else ("bpd", "kl")
 
+    def training_sets(self) -> list[str]:
+        """The aux set, or the noise distribution the negatives are drawn from ("random" is uniform noise)."""
+        return {"aux": [self.aux], "gaussian_noise": ["gaussian_noise"], "uniform_noise": ["uniform_noise"],
+                "random": ["uniform_noise"]}.get(self.negatives, [])
+
     def check_data(self, shapes: dict) -> None:
         super().check_data(shapes)
         c, h, _ = shapes[(self.id, "train")]
@@ -285,7 +290,7 @@ class Experiment(BaseExperiment):
     def score(self) -> Scores:
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
-        return score_sets(self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen))
+        return score_sets(self.eval_sets, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen))
 
     @torch.no_grad()
     def write_artifacts(self, folder: Path) -> None:
