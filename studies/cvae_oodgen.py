@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import metric_name  # noqa: E402
-from oodlab.methods.oodgen import FMNIST_OOD  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab import data
+from oodlab.experiment import metric_name
+from oodlab.methods.oodgen import FMNIST_OOD
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 # Paper 002, Table 1, F-MNIST0-4 as ID (percent): Ours / Confident-Classifier / ODIN / MD.
 PAPER = {
@@ -35,7 +35,9 @@ PAPER = {
     "auroc/notmnist": (99.9, 79.9, 84.1, 97.0), "auroc/omniglot": (99.5, 88.6, 96.5, 97.5),
     "auroc/gaussian_noise": (100.0, 99.7, 100.0, 53.4), "auroc/uniform_noise": (100.0, 98.1, 99.2, 95.0),
 }
-PAPER_FLAT = {f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)}
+PAPER_FLAT = {
+    f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)
+}
 
 
 def _floats(text: str) -> list[float]:
@@ -46,7 +48,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CVAE OOD generation")
     g.add_argument("--id", default="fashion_mnist[labels=0-4]", help="ID classes (default fashion_mnist[labels=0-4])")
     g.add_argument("--ood", default=",".join(FMNIST_OOD), help="OOD set(s), comma-separated")
-    g.add_argument("--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)")
+    g.add_argument(
+        "--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)"
+    )
     g.add_argument("--beta-lows", default="0.1,0.3", help="Type I β range lower ends")
     g.add_argument("--beta-highs", default="1.0,2.0", help="Type I β range upper ends")
     g.add_argument("--radius-factors", default="1.0,1.5,2.0", help="Type II radius factors")
@@ -70,9 +74,21 @@ def build(args: argparse.Namespace) -> StudySpec:
              "radius_factor": _floats(args.radius_factors), "ood_weight": _floats(args.ood_weights),
              "type1_frac": _floats(args.type1_fracs)}
     if args.paper_point:
-        space = {"beta_low": [0.1], "beta_high": [1.0], "radius_factor": [1.0], "ood_weight": [0.1], "type1_frac": [0.5]}
+        space = {
+            "beta_low": [0.1],
+            "beta_high": [1.0],
+            "radius_factor": [1.0],
+            "ood_weight": [0.1],
+            "type1_frac": [0.5],
+        }
     elif args.smoke:  # two trials: the paper's point and a wider one
-        space = {"beta_low": [0.1], "beta_high": [1.0], "radius_factor": [1.0, 2.0], "ood_weight": [0.1], "type1_frac": [0.5]}
+        space = {
+            "beta_low": [0.1],
+            "beta_high": [1.0],
+            "radius_factor": [1.0, 2.0],
+            "ood_weight": [0.1],
+            "type1_frac": [0.5],
+        }
     space["seed"] = list(range(args.seeds))
     cvae_epochs = args.cvae_epochs or (1 if args.smoke else 10)
     mc_samples = args.mc_samples or (5 if args.smoke else 20)

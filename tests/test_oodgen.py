@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chi2
-
 from conftest import assert_resumes_exactly, study_env
+from scipy.stats import chi2
 
 from oodlab.experiment import ConfigError, build_config, run_trial
 from oodlab.methods import classifier_baselines as cb
@@ -221,7 +220,10 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
         for s in names:
             for m in ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"):
                 assert 0.0 <= res.metrics[f"{m}_{ood}_{s}"] <= 1.0
-    assert res.scores["id"]["n1_prob"].shape == (60,) and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    assert (
+        res.scores["id"]["n1_prob"].shape == (60,)
+        and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    )
     assert {"acc_n1", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
     assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
 
