@@ -20,9 +20,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from oodlab import data, ray_connect, stores
 from oodlab.experiment import ConfigError, build_config
@@ -387,7 +388,7 @@ def format_table(rows: list[dict[str, Any]], spec: StudySpec) -> str:
     if not rows:
         return "(no trials)"
     cols = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
