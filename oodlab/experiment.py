@@ -14,9 +14,10 @@ import dataclasses
 import math
 import re
 import time
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,8 +111,8 @@ class TrialConfig:
         for v in self.val_ood:
             for what, o in others:
                 if data.share_source(v, o):
-                    raise ConfigError(f"validation OOD set {v!r} shares its source with {what} {o!r}; "
-                                      "choose val_ood disjoint from the test and training sets (README: Validation protocol)")
+                    raise ConfigError(f"validation OOD set {v!r} shares its source with {what} {o!r}; choose "
+                                      "val_ood disjoint from the test and training sets (README: Validation protocol)")
 
     def data_requests(self) -> list[tuple[str, str]]:
         """(spec, split) of every set the trial loads; the runner loads each once up front."""
@@ -144,7 +145,7 @@ class TrialConfig:
         return ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -251,8 +252,10 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
     cfg.check_sizes({(cfg.id, "train"): len(full)})
     rest, val_id = data.holdout(full, cfg.val_n)
     train = _head(rest, cfg.train_n)
-    tests = {"id": load(cfg.id, "test", cfg.test_n), **{score_key(o): load(o, "test", cfg.test_n) for o in cfg.ood},
-             VAL + "id": _head(val_id, cfg.test_n), **{score_key(v, "val"): load(v, "test", cfg.test_n) for v in cfg.val_ood}}
+    tests = {"id": load(cfg.id, "test", cfg.test_n),
+             **{score_key(o): load(o, "test", cfg.test_n) for o in cfg.ood},
+             VAL + "id": _head(val_id, cfg.test_n),
+             **{score_key(v, "val"): load(v, "test", cfg.test_n) for v in cfg.val_ood}}
     for name, s in tests.items():
         if s.shape != train.shape:
             raise ConfigError(f"set {name!r} has images of shape {s.shape} but the ID set has {train.shape}; "
@@ -383,7 +386,9 @@ def build(config: dict[str, Any] | TrialConfig) -> Experiment:
     return method_module(cfg.method).Experiment(cfg)
 
 
-def run_trial(config: dict[str, Any] | TrialConfig, on_epoch: Callable[[EpochResult], None] | None = None) -> EpochResult:
+def run_trial(
+    config: dict[str, Any] | TrialConfig, on_epoch: Callable[[EpochResult], None] | None = None
+) -> EpochResult:
     """Run a whole trial without Ray; returns the last epoch's result."""
     exp = build(config)
     res = None

@@ -13,6 +13,7 @@ seeds; the target is FPR95 (min) or AUROC (max) of n1_prob on the first OOD set.
     python studies/cvae_oodgen.py --target auroc --seeds 3 --gpus-per-trial 0.25
     python studies/cvae_oodgen.py --resume                  # after a crash or Ctrl-C
     python studies/cvae_oodgen.py --paper-point --epochs 10 --cvae-epochs 10 --train-n 10000 --test-n 2000
+    python studies/cvae_oodgen.py --paper-point --generator text ...   # the paper text's generator and old layers
 """
 
 import argparse
@@ -21,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import metric_name  # noqa: E402
-from oodlab.methods.oodgen import FMNIST_OOD  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab import data
+from oodlab.experiment import metric_name
+from oodlab.methods.oodgen import FMNIST_OOD
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 # Paper 002, Table 1, F-MNIST0-4 as ID (percent): Ours / Confident-Classifier / ODIN / MD.
 PAPER = {
@@ -35,24 +36,45 @@ PAPER = {
     "auroc/notmnist": (99.9, 79.9, 84.1, 97.0), "auroc/omniglot": (99.5, 88.6, 96.5, 97.5),
     "auroc/gaussian_noise": (100.0, 99.7, 100.0, 53.4), "auroc/uniform_noise": (100.0, 98.1, 99.2, 95.0),
 }
-PAPER_FLAT = {f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)}
+PAPER_FLAT = {
+    f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)
+}
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+# Generator presets: the authors' notebook (sverneka/OODGen) and the paper's text. Each sets the
+# fixed config; POINTS holds each one's (beta_low, beta_high, radius_factor) for --paper-point.
+GENERATORS = {
+    "authors": dict(cvae_arch="authors", cvae_optimizer="rmsprop", cvae_sample=False,
+                    type1_direction="basis_mix", beta_sign="random", clip=True),
+    "text": dict(cvae_arch="text", cvae_optimizer="adam", cvae_sample=True,
+                 type1_direction="uniform", beta_sign="positive", clip=False),
+}
+POINTS = {"authors": (0.1, 28.0, 1.5), "text": (0.1, 1.0, 1.0)}
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CVAE OOD generation")
     g.add_argument("--id", default="fashion_mnist[labels=0-4]", help="ID classes (default fashion_mnist[labels=0-4])")
     g.add_argument("--ood", default=",".join(FMNIST_OOD), help="OOD set(s), comma-separated")
-    g.add_argument("--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)")
+    g.add_argument(
+        "--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)"
+    )
     g.add_argument("--beta-lows", default="0.1,0.3", help="Type I β range lower ends")
-    g.add_argument("--beta-highs", default="1.0,2.0", help="Type I β range upper ends")
-    g.add_argument("--radius-factors", default="1.0,1.5,2.0", help="Type II radius factors")
+    g.add_argument("--beta-highs", default="1.0,28.0", help="Type I β range upper ends (authors 28, text 1)")
+    g.add_argument("--radius-factors", default="1.0,1.5,2.0", help="Type II radius factors (authors 1.5, text 1)")
+    g.add_argument("--generator", choices=tuple(GENERATORS), default="authors",
+                   help="authors: the released notebook's CVAE and Type I/II draws (default); text: the paper text's")
     g.add_argument("--ood-weights", default="0.1,0.5", help="OOD class weights")
     g.add_argument("--type1-fracs", default="0.5", help="fractions of Type I among generated samples")
-    g.add_argument("--paper-point", action="store_true", help="only the paper's point: β∈[0.1,1], factor 1, weight 0.1")
+    g.add_argument(
+        "--paper-point",
+        action="store_true",
+        help="only the generator's point, weight 0.1: authors β∈[0.1,28], factor 1.5; text β∈[0.1,1], factor 1",
+    )
     g.add_argument("--no-baselines", action="store_true", help="skip the plain/confident classifiers and their scores")
     g.add_argument("--latent-dim", type=int, default=10, help="CVAE latent size (paper: 10 F-MNIST, 8 MNIST)")
     g.add_argument("--cvae-epochs", type=int, help="CVAE passes before the classifiers (default 10; 1 with --smoke)")
@@ -69,17 +91,30 @@ def build(args: argparse.Namespace) -> StudySpec:
     space = {"beta_low": _floats(args.beta_lows), "beta_high": _floats(args.beta_highs),
              "radius_factor": _floats(args.radius_factors), "ood_weight": _floats(args.ood_weights),
              "type1_frac": _floats(args.type1_fracs)}
+    low, high, factor = POINTS[args.generator]
     if args.paper_point:
-        space = {"beta_low": [0.1], "beta_high": [1.0], "radius_factor": [1.0], "ood_weight": [0.1], "type1_frac": [0.5]}
-    elif args.smoke:  # two trials: the paper's point and a wider one
-        space = {"beta_low": [0.1], "beta_high": [1.0], "radius_factor": [1.0, 2.0], "ood_weight": [0.1], "type1_frac": [0.5]}
+        space = {
+            "beta_low": [low],
+            "beta_high": [high],
+            "radius_factor": [factor],
+            "ood_weight": [0.1],
+            "type1_frac": [0.5],
+        }
+    elif args.smoke:  # two trials: radius factors 1 and 2 at the generator's β range
+        space = {
+            "beta_low": [low],
+            "beta_high": [high],
+            "radius_factor": [1.0, 2.0],
+            "ood_weight": [0.1],
+            "type1_frac": [0.5],
+        }
     space["seed"] = list(range(args.seeds))
     cvae_epochs = args.cvae_epochs or (1 if args.smoke else 10)
     mc_samples = args.mc_samples or (5 if args.smoke else 20)
     fixed = dict(method="oodgen", id=args.id, ood=args.ood, latent_dim=args.latent_dim, cvae_epochs=cvae_epochs,
                  optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, mc_samples=mc_samples,
                  odin_eps=args.odin_eps, maha_eps=args.maha_eps, baselines=not args.no_baselines,
-                 eval_every=args.eval_every, **common_overrides(args))
+                 eval_every=args.eval_every, **GENERATORS[args.generator], **common_overrides(args))
     ood_first = data.split_specs(args.ood)[0]
     return StudySpec(
         name=default_name(__file__, args),

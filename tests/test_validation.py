@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from oodlab import data
-from oodlab.experiment import (ConfigError, build_config, is_val_metric, load_sets, metric_name, run_trial,
-                               val_id_name)
+from oodlab.experiment import ConfigError, build_config, is_val_metric, load_sets, metric_name, run_trial, val_id_name
 from oodlab.metrics import METRICS
 
 
@@ -100,7 +99,8 @@ def test_disjoint_choices_are_accepted():
     assert build_config(dict(method="mixture")).val_ood == ("blobs", "fashion_mnist[labels=0,2-6,8,9]")
     build_config(dict(negatives="aux", aux="omniglot", val_ood="notmnist"))  # the aux set is omniglot here
     build_config(dict(negatives="none", val_ood="notmnist"))  # no negatives: the aux field is unused
-    build_config(dict(method="oodgen", id="fashion_mnist[labels=0-4]", ood="mnist", val_ood="fashion_mnist[labels=5-9]"))
+    build_config(dict(method="oodgen", id="fashion_mnist[labels=0-4]", ood="mnist",
+                      val_ood="fashion_mnist[labels=5-9]"))
 
 
 def test_every_method_default_is_valid():
@@ -119,7 +119,8 @@ def test_val_n_too_large_fails_before_compute():
 
 
 def test_config_round_trips_through_a_flat_dict():
-    cfg = build_config(dict(id="fashion_mnist[labels=1,7]", val_ood="blobs,fashion_mnist[labels=0,2]", ood="mnist", val_n=123))
+    cfg = build_config(dict(id="fashion_mnist[labels=1,7]", val_ood="blobs,fashion_mnist[labels=0,2]", ood="mnist",
+                            val_n=123))
     d = cfg.to_dict()
     assert d["val_ood"] == "blobs,fashion_mnist[labels=0,2]" and d["val_n"] == 123
     assert build_config(d) == cfg
