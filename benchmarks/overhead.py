@@ -23,9 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import run_trial  # noqa: E402
-from oodlab.study import parse_args, run  # noqa: E402
+from oodlab import data
+from oodlab.experiment import run_trial
+from oodlab.study import parse_args, run
 
 
 def _best_of(fn, repeats: int = 3) -> float:

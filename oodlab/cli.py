@@ -51,7 +51,7 @@ def list_studies(storage: Path) -> int:
     print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'best':>8}  {'resumable':9}")
     for s in optuna.get_all_study_summaries(url):
         trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
-        count = lambda st: sum(t.state.name == st for t in trials)  # noqa: E731
+        count = lambda st: sum(t.state.name == st for t in trials)
         best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
         resumable = "yes" if (storage / "ray" / s.study_name).exists() else "no"
         print(f"{s.study_name:32} {count('COMPLETE'):8d} {count('RUNNING'):8d} {count('FAIL'):7d} {best:>8}  {resumable}")

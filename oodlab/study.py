@@ -20,11 +20,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from oodlab import data
+from oodlab import data, ray_connect, stores
 from oodlab.experiment import ConfigError, build_config
 
 SAMPLERS = ("grid", "tpe", "random")
@@ -291,9 +292,14 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         except ConnectionError as e:
             raise StudyError(str(e)) from None
 
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
-             **({} if args.address else {"num_cpus": os.cpu_count()}))
+    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    print(f"[oodlab] Ray: {'joined ' + target.address if target.joins else 'local'} ({target.reason})", flush=True)
     try:
+        hosts = ray_connect.node_hosts()
+        if len(hosts) > 1 and not stores.is_shared(ray_root):
+            raise StudyError(f"the Ray cluster spans {len(hosts)} machines but --checkpoint-storage {ray_root} is "
+                             f"on a local disk ({stores.fs_type(ray_root)}): trials on other nodes could not save or "
+                             "resume checkpoints; pass --checkpoint-storage s3://BUCKET/PREFIX or a shared (NFS) path")
         gpus = ray.cluster_resources().get("GPU", 0)
         if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
             raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
@@ -382,7 +388,7 @@ def format_table(rows: list[dict[str, Any]], spec: StudySpec) -> str:
     if not rows:
         return "(no trials)"
     cols = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

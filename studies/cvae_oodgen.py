@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import metric_name  # noqa: E402
-from oodlab.methods.oodgen import FMNIST_OOD  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab import data
+from oodlab.experiment import metric_name
+from oodlab.methods.oodgen import FMNIST_OOD
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 # Paper 002, Table 1, F-MNIST0-4 as ID (percent): Ours / Confident-Classifier / ODIN / MD.
 PAPER = {
@@ -36,7 +36,9 @@ PAPER = {
     "auroc/notmnist": (99.9, 79.9, 84.1, 97.0), "auroc/omniglot": (99.5, 88.6, 96.5, 97.5),
     "auroc/gaussian_noise": (100.0, 99.7, 100.0, 53.4), "auroc/uniform_noise": (100.0, 98.1, 99.2, 95.0),
 }
-PAPER_FLAT = {f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)}
+PAPER_FLAT = {
+    f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)
+}
 
 
 def _floats(text: str) -> list[float]:
@@ -58,7 +60,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CVAE OOD generation")
     g.add_argument("--id", default="fashion_mnist[labels=0-4]", help="ID classes (default fashion_mnist[labels=0-4])")
     g.add_argument("--ood", default=",".join(FMNIST_OOD), help="OOD set(s), comma-separated")
-    g.add_argument("--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)")
+    g.add_argument(
+        "--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)"
+    )
     g.add_argument("--beta-lows", default="0.1,0.3", help="Type I β range lower ends")
     g.add_argument("--beta-highs", default="1.0,28.0", help="Type I β range upper ends (authors 28, text 1)")
     g.add_argument("--radius-factors", default="1.0,1.5,2.0", help="Type II radius factors (authors 1.5, text 1)")
@@ -66,8 +70,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="authors: the released notebook's CVAE and Type I/II draws (default); text: the paper text's")
     g.add_argument("--ood-weights", default="0.1,0.5", help="OOD class weights")
     g.add_argument("--type1-fracs", default="0.5", help="fractions of Type I among generated samples")
-    g.add_argument("--paper-point", action="store_true",
-                   help="only the generator's point, weight 0.1: authors β∈[0.1,28], factor 1.5; text β∈[0.1,1], factor 1")
+    g.add_argument(
+        "--paper-point",
+        action="store_true",
+        help="only the generator's point, weight 0.1: authors β∈[0.1,28], factor 1.5; text β∈[0.1,1], factor 1",
+    )
     g.add_argument("--no-baselines", action="store_true", help="skip the plain/confident classifiers and their scores")
     g.add_argument("--latent-dim", type=int, default=10, help="CVAE latent size (paper: 10 F-MNIST, 8 MNIST)")
     g.add_argument("--cvae-epochs", type=int, help="CVAE passes before the classifiers (default 10; 1 with --smoke)")
@@ -86,9 +93,21 @@ def build(args: argparse.Namespace) -> StudySpec:
              "type1_frac": _floats(args.type1_fracs)}
     low, high, factor = POINTS[args.generator]
     if args.paper_point:
-        space = {"beta_low": [low], "beta_high": [high], "radius_factor": [factor], "ood_weight": [0.1], "type1_frac": [0.5]}
+        space = {
+            "beta_low": [low],
+            "beta_high": [high],
+            "radius_factor": [factor],
+            "ood_weight": [0.1],
+            "type1_frac": [0.5],
+        }
     elif args.smoke:  # two trials: radius factors 1 and 2 at the generator's β range
-        space = {"beta_low": [low], "beta_high": [high], "radius_factor": [1.0, 2.0], "ood_weight": [0.1], "type1_frac": [0.5]}
+        space = {
+            "beta_low": [low],
+            "beta_high": [high],
+            "radius_factor": [1.0, 2.0],
+            "ood_weight": [0.1],
+            "type1_frac": [0.5],
+        }
     space["seed"] = list(range(args.seeds))
     cvae_epochs = args.cvae_epochs or (1 if args.smoke else 10)
     mc_samples = args.mc_samples or (5 if args.smoke else 20)

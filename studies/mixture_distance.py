@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import metric_name, set_key  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab import data
+from oodlab.experiment import metric_name, set_key
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 # Log-spaced 10..300 plus the papers' values (VAE 150, Glow 100, CIFAR VAE 200).
 DISTANCES = [10, 20, 50, 100, 150, 200, 300]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import metric_name  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab import data
+from oodlab.experiment import metric_name
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 GRAY_SHIFTS = [2, 4, 6, 8, 10]
 COLOR_SHIFTS = [5, 10, 15, 20, 25, 30]
@@ -59,10 +59,22 @@ def build(args: argparse.Namespace) -> StudySpec:
         shifts = [shifts[0], shifts[3]]
     listed = {"negatives": args.negatives.split(","), "decoder": args.decoder.split(",")}
     grid = {k: v for k, v in listed.items() if len(v) > 1}
-    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, arch=args.arch, aux_split=args.aux_split,
-                 **{k: v[0] for k, v in listed.items() if len(v) == 1}, neg_weight=args.neg_weight, pad=args.pad, batch_size=args.batch_size,
-                 lr=args.lr, optimizer=args.optimizer, iwae_k=args.iwae_k, eval_every=args.eval_every,
-                 **common_overrides(args))
+    fixed = dict(
+        id=args.id,
+        ood=args.ood,
+        aux=args.aux,
+        arch=args.arch,
+        aux_split=args.aux_split,
+        **{k: v[0] for k, v in listed.items() if len(v) == 1},
+        neg_weight=args.neg_weight,
+        pad=args.pad,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        iwae_k=args.iwae_k,
+        eval_every=args.eval_every,
+        **common_overrides(args),
+    )
     ood_first = data.split_specs(args.ood)[0]
     return StudySpec(
         name=default_name(__file__, args),

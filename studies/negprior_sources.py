@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import ConfigError, metric_name  # noqa: E402
-from oodlab.methods.negprior import NEGATIVES  # noqa: E402
-from oodlab.report import paper_reference  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab import data
+from oodlab.experiment import ConfigError, metric_name
+from oodlab.methods.negprior import NEGATIVES
+from oodlab.report import paper_reference
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 DEFAULT_NEGATIVES = "none,aux,adversarial,gaussian_noise,uniform_noise"
 SMOKE_NEGATIVES = ["none", "aux", "adversarial"]
@@ -35,16 +35,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id", default="fashion_mnist", help="in-distribution set (default fashion_mnist)")
     g.add_argument("--ood", default="mnist", help="OOD set(s), comma-separated; npz:PATH works (default mnist)")
     g.add_argument("--aux", default="notmnist", help="auxiliary negatives (paper: emnist_letters; default notmnist)")
-    g.add_argument("--aux-split", default="test", choices=("train", "test"), help="split of --aux (offline notMNIST: test)")
+    g.add_argument(
+        "--aux-split", default="test", choices=("train", "test"), help="split of --aux (offline notMNIST: test)"
+    )
     g.add_argument("--negatives", help=f"comma-separated sources out of {', '.join(NEGATIVES)} "
                                        f"(default {DEFAULT_NEGATIVES}; --smoke: {','.join(SMOKE_NEGATIVES)})")
     g.add_argument("--decoders", help="comma-separated noise models (default bernoulli,gaussian; --smoke: bernoulli)")
-    g.add_argument("--eubo", default="off", choices=("off", "on", "both"), help="EUBO loss on negatives (both = a grid dim)")
+    g.add_argument(
+        "--eubo", default="off", choices=("off", "on", "both"), help="EUBO loss on negatives (both = a grid dim)"
+    )
     g.add_argument("--shift", type=float, help="negative prior mean shift·1 (default: paper's 8 gray, 25 color)")
     g.add_argument("--neg-weight", type=float, default=1.0, help="weight of the negatives' term")
     g.add_argument("--adv-weight", type=float, default=1.0, help="weight of L_adv in the adversarial decoder step")
     g.add_argument("--noise-sigma", type=float, default=0.25, help="σ of inlier_noise negatives (paper: 0.25)")
-    g.add_argument("--spectral-norm", action="store_true", help="spectral norm on the encoder (paper: color adversarial)")
+    g.add_argument(
+        "--spectral-norm", action="store_true", help="spectral norm on the encoder (paper: color adversarial)"
+    )
     g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 as the paper does")
     g.add_argument("--batch-size", type=int, default=50)
     g.add_argument("--lr", type=float, default=1e-4)

@@ -20,17 +20,21 @@ AUROC on "overall", and the brightness AUROC mean / std are logged beside it.
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import build_config, load_sets, metric_name, resolve_device  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab.experiment import build_config, load_sets, metric_name, resolve_device
+from oodlab.study import StudySpec, common_overrides, default_name, main
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
-FAMILIES = {  # score, search space
+FAMILIES: dict[str, tuple[str, dict[str, list[Any]]]] = {  # score, search space
     "rose": ("rose", {"preconditioner": ["diag", "ekfac"], "fisher_n": [100, 1000, 10000]}),
-    "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)], "lratio_l2": [0.0, 10.0]}),
+    "lratio": (
+        "lratio",
+        {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)], "lratio_l2": [0.0, 10.0]},
+    ),
     "rnd": ("rnd", {"rnd_perturbation": ["svd:22", "svd:28", "dct:22", "dct:28", "gb", "random:0.2", "random:0.3"]}),
 }
 # Paper 004, Table 2 (Fashion-MNIST VAE, AUROC, overall) and Table 6 (DIAG vs EKFAC, overall).
@@ -61,7 +65,11 @@ def build(args: argparse.Namespace) -> StudySpec:
     if args.fisher_n or args.smoke:
         space.pop("fisher_n", None)
     if args.smoke:  # two trials
-        space = {k: v[:2] for k, v in space.items()} if args.family != "lratio" else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]}
+        space = (
+            {k: v[:2] for k, v in space.items()}
+            if args.family != "lratio"
+            else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]}
+        )
     fixed = dict(method="rose", id=args.id, ood=",".join([ood, *bright]), scores=score, iwae_k=args.iwae_k,
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
                  vae_cache=str(Path(args.storage).resolve() / "vae_cache"), **common_overrides(args))

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chi2
-
 from conftest import assert_resumes_exactly, study_env
+from scipy.stats import chi2
 
 from oodlab.experiment import ConfigError, build_config, run_trial
 from oodlab.methods import classifier_baselines as cb
@@ -104,7 +103,13 @@ def test_authors_type1_signs_clipping_and_null_space(cvae):
     torch.manual_seed(2)
     x, y = torch.rand(64, 1, 12, 12), torch.arange(64) % 3
     spec = og.Type1Spec()  # authors: β ~ U[0.1, 28], random sign, basis mix, clipped
-    assert (spec.beta_low, spec.beta_high, spec.direction, spec.sign, spec.clip) == (0.1, 28.0, "basis_mix", "random", True)
+    assert (spec.beta_low, spec.beta_high, spec.direction, spec.sign, spec.clip) == (
+        0.1,
+        28.0,
+        "basis_mix",
+        "random",
+        True,
+    )
     xt = og.type1(cvae, x, y, spec, torch.Generator().manual_seed(0))
     assert xt.shape == x.shape and xt.min() >= 0 and xt.max() <= 1 and (xt == 1).any() and (xt == 0).any()
     raw = og.type1(cvae, x, y, og.Type1Spec(clip=False), torch.Generator().manual_seed(0))
@@ -115,7 +120,10 @@ def test_authors_type1_signs_clipping_and_null_space(cvae):
     with torch.no_grad():
         mu, _ = cvae.encode(x, y)
     jac = og.decoder_jacobian(cvae, mu, y).double()
-    assert ((jac.transpose(1, 2) @ (delta / beta[:, None]).unsqueeze(-1)).norm(dim=1).squeeze(-1) < 1e-4 * jac.norm(dim=(1, 2))).all()
+    assert (
+        (jac.transpose(1, 2) @ (delta / beta[:, None]).unsqueeze(-1)).norm(dim=1).squeeze(-1)
+        < 1e-4 * jac.norm(dim=(1, 2))
+    ).all()
     # random sign: the direction for the same weights, flipped for about half the images
     w = 2 * torch.rand(64, 144, generator=torch.Generator().manual_seed(0)) - 1
     v = og.basis_mix_directions(jac.float(), w.double().float())
@@ -283,7 +291,10 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
         for s in names:
             for m in ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"):
                 assert 0.0 <= res.metrics[f"{m}_{ood}_{s}"] <= 1.0
-    assert res.scores["id"]["n1_prob"].shape == (60,) and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    assert (
+        res.scores["id"]["n1_prob"].shape == (60,)
+        and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    )
     assert {"acc_n1", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
     assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
 

@@ -75,7 +75,8 @@ def test_per_sample_grads_and_diag_fisher_match_naive_loop(arch):
     for f, n in zip(fit.fisher, naive):
         torch.testing.assert_close(f, n.pow(2).mean(0), rtol=1e-4, atol=1e-10)
     # layer scores, z-scores and ROSE (eq. 5, 10, 11) from the naive grads
-    s = torch.stack([(n.pow(2) / (f + 1e-8)).flatten(1).sum(1) for n, f in zip(naive, fit.fisher)], 1)  # the authors' damping
+    # the authors' damping: 1e-8, absolute
+    s = torch.stack([(n.pow(2) / (f + 1e-8)).flatten(1).sum(1) for n, f in zip(naive, fit.fisher)], 1)
     torch.testing.assert_close(fit.mean, s.mean(0), rtol=1e-4, atol=0)
     torch.testing.assert_close(fit.std, s.std(0), rtol=1e-4, atol=0)
     r = rose.rose_scores(m, x, eps, {"diag": fit}, batch=4)["diag"]
@@ -86,7 +87,10 @@ def test_per_sample_grads_and_diag_fisher_match_naive_loop(arch):
 def test_ekfac_is_exact_for_a_kronecker_fisher():
     """One sample, one location: F = vec(G) vec(G)ᵀ = (h hᵀ) ⊗ (δ δᵀ) exactly, and EKFAC recovers it."""
     g = torch.Generator().manual_seed(0)
-    p, d = torch.randn(1, 1, 5, generator=g, dtype=torch.float64), torch.randn(1, 1, 3, generator=g, dtype=torch.float64)
+    p, d = (
+        torch.randn(1, 1, 5, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 3, generator=g, dtype=torch.float64),
+    )
     a, b = rose.kfac_factors(p, d)
     ua, ub = rose.eigenbasis(a), rose.eigenbasis(b)
     sigma = rose.diag_fisher(rose.projected_grads(p, d, ua, ub))
@@ -97,7 +101,10 @@ def test_ekfac_is_exact_for_a_kronecker_fisher():
 def test_ekfac_beats_diag_on_a_correlated_kronecker_fisher():
     g = torch.Generator().manual_seed(0)
     n, din, dout = 20000, 4, 3
-    la, lb_ = torch.randn(din, din, generator=g, dtype=torch.float64), torch.randn(dout, dout, generator=g, dtype=torch.float64)
+    la, lb_ = (
+        torch.randn(din, din, generator=g, dtype=torch.float64),
+        torch.randn(dout, dout, generator=g, dtype=torch.float64),
+    )
     p = (torch.randn(n, 1, din, generator=g, dtype=torch.float64) @ la.T)  # correlated inputs
     d = (torch.randn(n, 1, dout, generator=g, dtype=torch.float64) @ lb_.T)  # independent, correlated output grads
     vec = rose.grads_from_terms(p, d).flatten(1)
@@ -212,7 +219,9 @@ def test_input_complexity_code_lengths():
         bpd = lb.complexity_bpd(x, codec)
         assert bpd[0] < 0.3 * bpd[1] and bpd[1] > 7  # a flat image compresses, uniform noise does not
         buf = io.BytesIO()
-        Image.fromarray(x[1, 0].numpy()).save(buf, format=fmt, **({"optimize": True, "compress_level": 9} if fmt == "PNG" else {}))
+        Image.fromarray(x[1, 0].numpy()).save(
+            buf, format=fmt, **({"optimize": True, "compress_level": 9} if fmt == "PNG" else {})
+        )
         assert bpd[1].item() == pytest.approx(8 * buf.tell() / 1024)
 
 
@@ -262,8 +271,11 @@ def test_trial_trains_once_and_scores_many(tmp_path):
     for o in ("mnist", "omniglot"):
         for s in ("rose_diag", "rose_ekfac", "nll", "ic_png"):
             assert 0 <= res.metrics[f"auroc_{o}_{s}"] <= 1
-    np.testing.assert_allclose(res.scores["mnist"]["ic_png"],
-                               res.scores["mnist"]["nll"] - lb.complexity_bpd(a.test["mnist"].x, "png").numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        res.scores["mnist"]["ic_png"],
+        res.scores["mnist"]["nll"] - lb.complexity_bpd(a.test["mnist"].x, "png").numpy(),
+        rtol=1e-5,
+    )
     b = rose.Experiment(build_config({**base, "scores": "rose", "preconditioner": "diag"}))  # another trial, same VAE
     assert len(list(tmp_path.glob("vae-*.pt"))) == 1
     for p, q in zip(a.model.parameters(), b.model.parameters()):
@@ -279,9 +291,29 @@ def test_study_smoke_end_to_end(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     storage = tmp_path / "results"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, str(REPO / "studies" / "rose_perturbation.py"), "--smoke", "--storage", str(storage),
-                          "--name", "e2e", "--train-n", "200", "--test-n", "60", "--fisher-n", "50", "--iwae-k", "2"],
-                         env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "studies" / "rose_perturbation.py"),
+            "--smoke",
+            "--storage",
+            str(storage),
+            "--name",
+            "e2e",
+            "--train-n",
+            "200",
+            "--test-n",
+            "60",
+            "--fisher-n",
+            "50",
+            "--iwae-k",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert len(list((storage / "vae_cache").glob("vae-*.pt"))) == 1  # trained once, in the driver
     from mlflow.tracking import MlflowClient
@@ -366,14 +398,15 @@ def test_resize_28_to_32_is_bilinear_like_torchvision(tmp_path):
     r = data.resize(m.x, 32)
     assert r.shape == (8, 1, 32, 32) and r.dtype == torch.uint8
     for j in range(8):  # PIL's bilinear resize, which torchvision's transforms.Resize(32) calls on PIL images
-        want = np.asarray(Image.fromarray(m.x[j, 0].numpy()).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.int16)
+        pil = Image.fromarray(m.x[j, 0].numpy()).resize((32, 32), Image.Resampling.BILINEAR)
+        want = np.asarray(pil, dtype=np.int16)
         assert np.abs(r[j, 0].numpy().astype(np.int16) - want).max() <= 2
-    exp = rose.Experiment(build_config(dict(method="rose", train_n=64, test_n=16, epochs=1, width=4, latent_dim=3,
-                                            ood="mnist", scores="nll", iwae_k=1, device="cpu")))
+    small = dict(method="rose", train_n=64, test_n=16, epochs=1, width=4, latent_dim=3, ood="mnist", scores="nll",
+                 iwae_k=1, device="cpu")
+    exp = rose.Experiment(build_config(small))
     assert exp.train_x.shape[-2:] == (32, 32) and exp.test["mnist"].x.shape[-2:] == (32, 32)
     torch.testing.assert_close(exp.test["mnist"].x, data.resize(data.load("mnist").x[:16], 32))
-    padded = rose.Experiment(build_config(dict(method="rose", train_n=64, test_n=16, epochs=1, width=4, latent_dim=3, ood="mnist",
-                                               scores="nll", iwae_k=1, device="cpu", resize=False, pad=True, arch="plain")))
+    padded = rose.Experiment(build_config({**small, "resize": False, "pad": True, "arch": "plain"}))
     assert padded.test["mnist"].x[:, :, :2].max() == 0  # the earlier choice: zero bands
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import kill_leftovers, optuna_states, study_env
 
 from oodlab import data

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
-from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, score_sets
+from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
@@ -446,8 +446,9 @@ class Experiment(BaseExperiment):
     # ---- artifacts and checkpoints
     def write_artifacts(self, folder: Path) -> None:
         """``ood_samples.png``: ID images, their Type I perturbations (and |x̃ − x|), Type II samples."""
-        from oodlab.plots import _pyplot
         from torchvision.utils import make_grid
+
+        from oodlab.plots import _pyplot
 
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
         k = 16
