@@ -7,6 +7,11 @@ the mean (sd) of every AUROC as markdown (rows: inlier, OOD, noise model and any
 varied setting; columns: source of negatives), as CSV, and as a bar plot. The three
 files are logged to the study's parent run (tag ``oodlab.role=parent``); the markdown
 is returned. Paper 000's numbers (Tables I–III) stand beside ours where it has the row.
+
+Before that table comes the selection (``oodlab.selection``): the configuration(s) chosen
+by the study's target (the parent run's ``metric``/``mode`` params; a ``val_`` metric
+unless the study allowed a test target) and their test metrics, mean (sd) over seeds;
+also logged as ``selection.md`` / ``selection.csv``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodlab import data
+from oodlab import data, selection
 from oodlab.experiment import set_key
 
 # Paper 000 (Csiszárik et al.), mean (sd) over 10 runs: (inlier, OOD, noise model, negatives, score).
@@ -241,12 +246,34 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
+def selection_report(client, parent: str | None, study: str,
+                     trials: list[tuple[dict[str, str], dict[str, float]]]) -> tuple[str, str]:
+    """(markdown, csv) of the configurations the study's target selects and their test metrics."""
+    if parent is None:
+        return f"# {study}: no parent run, so no recorded target; nothing selected\n", ""
+    try:
+        targets, modes = selection.targets_of(dict(client.get_run(parent).data.params))
+    except ValueError as e:
+        return f"# {study}: nothing selected ({e})\n", ""
+    groups = selection.group(trials)
+    chosen = selection.select(groups, targets, modes)
+    return selection.to_markdown(study, groups, chosen, targets, modes), selection.to_csv(groups, chosen, targets)
+
+
 def report(storage: Path, study: str) -> str:
-    """Aggregate a study's finished trials; log report.md/.csv/.png to its parent run; return the markdown."""
+    """The selection by the study's target, then the paper-format AUROC table of every configuration;
+    both logged to the study's parent run; returns the markdown."""
     client = _client(Path(storage))
     trials, parent = load_trials(client, study)
+    sel_md, sel_csv = selection_report(client, parent, study, trials)
     cells = aggregate(trials)
     md = to_markdown(cells, study)
+    if parent is not None and trials:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "selection.md").write_text(sel_md)
+            (Path(d) / "selection.csv").write_text(sel_csv)
+            client.log_artifact(parent, str(Path(d) / "selection.md"))
+            client.log_artifact(parent, str(Path(d) / "selection.csv"))
     if parent is not None and cells:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "report.md").write_text(md)
@@ -254,4 +281,4 @@ def report(storage: Path, study: str) -> str:
             bar_plot(cells, Path(d) / "report.png")
             for name in ("report.md", "report.csv", "report.png"):
                 client.log_artifact(parent, str(Path(d) / name))
-    return md
+    return sel_md + "\n" + md
