@@ -7,10 +7,10 @@ scores every test set with p(n+1 | x). With baselines on (default) the same tria
 trains a plain n-class classifier (max-softmax, ODIN, Mahalanobis, MC-dropout, mutual
 information) and a confident classifier (joint GAN, Lee et al. 2018a). Optuna searches
 the β range ends, the Type II radius factor, the OOD class weight, the Type I/II mix and
-seeds; the target is FPR95 (min) or AUROC (max) of n1_prob on the first OOD set.
+seeds; the target is FPR95 (min) of n1_prob on the first validation OOD set.
 
     python studies/cvae_oodgen.py --smoke                   # ~2 minutes on 2 CPU cores
-    python studies/cvae_oodgen.py --target auroc --seeds 3 --gpus-per-trial 0.25
+    python studies/cvae_oodgen.py --sampler tpe --num-samples 20 --seeds 3 --gpus-per-trial 0.25
     python studies/cvae_oodgen.py --resume                  # after a crash or Ctrl-C
     python studies/cvae_oodgen.py --paper-point --epochs 10 --cvae-epochs 10 --train-n 10000 --test-n 2000
 """
@@ -21,21 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import metric_name  # noqa: E402
 from oodlab.methods.oodgen import FMNIST_OOD  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main  # noqa: E402
+from oodlab.space import Categorical, FloatRange  # noqa: E402
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric  # noqa: E402
 
-# Paper 002, Table 1, F-MNIST0-4 as ID (percent): Ours / Confident-Classifier / ODIN / MD.
-PAPER = {
-    "fpr95/fashion_mnist_labels_5_9": (19.7, 55.8, 29.2, 75.8), "fpr95/mnist": (1.8, 67.3, 53.5, 2.0),
-    "fpr95/notmnist": (0.2, 76.0, 57.7, 11.0), "fpr95/omniglot": (1.0, 62.3, 15.5, 11.1),
-    "fpr95/gaussian_noise": (0.0, 0.3, 0.0, 99.3), "fpr95/uniform_noise": (0.0, 9.8, 1.3, 36.3),
-    "auroc/fashion_mnist_labels_5_9": (92.5, 89.5, 92.1, 79.5), "auroc/mnist": (99.5, 83.5, 86.4, 99.0),
-    "auroc/notmnist": (99.9, 79.9, 84.1, 97.0), "auroc/omniglot": (99.5, 88.6, 96.5, 97.5),
-    "auroc/gaussian_noise": (100.0, 99.7, 100.0, 53.4), "auroc/uniform_noise": (100.0, 98.1, 99.2, 95.0),
-}
-PAPER_FLAT = {f"{k}/{m}": v for k, vals in PAPER.items() for m, v in zip(("n1_prob", "confident", "odin", "mahalanobis"), vals)}
+# Paper 002: Type I β ~ U[0.1, 1] in the text (authors' code: up to 28, clipped to [0, 1]), so the
+# range ends are searched over [0.01, 0.5] and [0.5, 2]; Type II radius factor over [1, 3]
+# (1 = the 95% ellipsoid surface); OOD class weight on a log scale around the paper's 0.1.
+SPACE = {"beta_low": FloatRange(0.01, 0.5, log=True), "beta_high": FloatRange(0.5, 2.0),
+         "radius_factor": FloatRange(1.0, 3.0), "ood_weight": FloatRange(0.01, 1.0, log=True),
+         "type1_frac": FloatRange(0.0, 1.0)}
+GRID = {"beta_low": Categorical((0.1, 0.3)), "beta_high": Categorical((1.0, 2.0)),
+        "radius_factor": Categorical((1.0, 1.5, 2.0)), "ood_weight": Categorical((0.1, 0.5)),
+        "type1_frac": Categorical((0.5,))}
+PAPER_POINT = {"beta_low": 0.1, "beta_high": 1.0, "radius_factor": 1.0, "ood_weight": 0.1, "type1_frac": 0.5}
 
 
 def _floats(text: str) -> list[float]:
@@ -46,12 +45,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CVAE OOD generation")
     g.add_argument("--id", default="fashion_mnist[labels=0-4]", help="ID classes (default fashion_mnist[labels=0-4])")
     g.add_argument("--ood", default=",".join(FMNIST_OOD), help="OOD set(s), comma-separated")
-    g.add_argument("--target", choices=("fpr95", "auroc"), default="fpr95", help="Optuna target on n1_prob (fpr95: min)")
-    g.add_argument("--beta-lows", default="0.1,0.3", help="Type I β range lower ends")
-    g.add_argument("--beta-highs", default="1.0,2.0", help="Type I β range upper ends")
-    g.add_argument("--radius-factors", default="1.0,1.5,2.0", help="Type II radius factors")
-    g.add_argument("--ood-weights", default="0.1,0.5", help="OOD class weights")
-    g.add_argument("--type1-fracs", default="0.5", help="fractions of Type I among generated samples")
     g.add_argument("--paper-point", action="store_true", help="only the paper's point: β∈[0.1,1], factor 1, weight 0.1")
     g.add_argument("--no-baselines", action="store_true", help="skip the plain/confident classifiers and their scores")
     g.add_argument("--latent-dim", type=int, default=10, help="CVAE latent size (paper: 10 F-MNIST, 8 MNIST)")
@@ -66,30 +59,27 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> StudySpec:
-    space = {"beta_low": _floats(args.beta_lows), "beta_high": _floats(args.beta_highs),
-             "radius_factor": _floats(args.radius_factors), "ood_weight": _floats(args.ood_weights),
-             "type1_frac": _floats(args.type1_fracs)}
+    grid: dict = dict(GRID)
     if args.paper_point:
-        space = {"beta_low": [0.1], "beta_high": [1.0], "radius_factor": [1.0], "ood_weight": [0.1], "type1_frac": [0.5]}
+        grid = {k: [v] for k, v in PAPER_POINT.items()}
     elif args.smoke:  # two trials: the paper's point and a wider one
-        space = {"beta_low": [0.1], "beta_high": [1.0], "radius_factor": [1.0, 2.0], "ood_weight": [0.1], "type1_frac": [0.5]}
-    space["seed"] = list(range(args.seeds))
+        grid = {**{k: [v] for k, v in PAPER_POINT.items()}, "radius_factor": [1.0, 2.0]}
     cvae_epochs = args.cvae_epochs or (1 if args.smoke else 10)
     mc_samples = args.mc_samples or (5 if args.smoke else 20)
     fixed = dict(method="oodgen", id=args.id, ood=args.ood, latent_dim=args.latent_dim, cvae_epochs=cvae_epochs,
                  optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, mc_samples=mc_samples,
                  odin_eps=args.odin_eps, maha_eps=args.maha_eps, baselines=not args.no_baselines,
                  eval_every=args.eval_every, **common_overrides(args))
-    ood_first = data.split_specs(args.ood)[0]
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,
-        space=space,
-        metric=metric_name(args.target, ood_first, "n1_prob"),
-        mode="min" if args.target == "fpr95" else "max",
-        paper=PAPER_FLAT,
+        space=dict(SPACE),
+        grid=grid,
+        metric=val_metric(fixed, "fpr95", "n1_prob"),  # --target val_auroc_<set>_n1_prob for AUROC
+        mode="min",
+        paper_point=PAPER_POINT,
     )
 
 
 if __name__ == "__main__":
-    sys.exit(main(__file__, build, configure))
+    sys.exit(main(__file__, build, configure, space=SPACE, grid=GRID))
