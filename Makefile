@@ -1,4 +1,4 @@
-# oodlab: `make demo` runs the smoke study, `make test` runs the tests; both set up .venv first.
+# oodlab: `make demo` runs the smoke study, `make test` the tests, `make lint` ruff + mypy; all set up .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ export OODLAB_DATA_DIR ?= $(abspath ../shared/data)
 export RAY_AUTH_MODE ?= disabled
 STORAGE ?= oodlab-results
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,10 @@ demo: setup  ## smoke study of studies/negprior_shift.py (re-running it resumes,
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup  ## ruff (style, imports, bugbear) and mypy, both configured in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/overhead.py

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oodlab.experiment import build  # noqa: E402
+from oodlab.experiment import build
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from oodlab import data  # noqa: E402
-from oodlab.experiment import run_trial  # noqa: E402
-from oodlab.study import parse_args, run  # noqa: E402
+from oodlab import data
+from oodlab.experiment import run_trial
+from oodlab.study import parse_args, run
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -71,7 +71,7 @@ def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float
         run(spec, args)
         t_study = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for shift in spec.space["shift"]:
+    for shift in spec.grid["shift"].grid("shift"):
         run_trial({**spec.fixed, "shift": shift, "seed": 0, "device": "cpu"})
     return t_study, time.perf_counter() - t0
 

@@ -13,20 +13,23 @@ does not depend on them.
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from oodlab import data  # noqa: E402
-from oodlab.methods import likelihood_baselines as lb  # noqa: E402
-from oodlab.methods import rose  # noqa: E402
-from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig  # noqa: E402
+from oodlab import data
+from oodlab.methods import likelihood_baselines as lb
+from oodlab.methods import rose
+from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig
 
 
-def timed(fn, warmup=None) -> tuple[float, object]:
+def timed(fn: Callable[[], Any], warmup: Callable[[], Any] | None = None) -> tuple[float, Any]:
     """Seconds of one call of ``fn``, after one call of ``warmup`` (default ``fn``) pays the one-time costs.
 
     Without it the first batch-1 convolutions (oneDNN picks and builds kernels per shape) made the
@@ -56,12 +59,17 @@ def report_floor(name: str, f_batched: float, s_batched: float, f_loop: float, s
     """Achieved GFLOP/s per path, and the ratio the batched path would reach even at the matmul peak."""
     print(f"{name}_gflops_per_s_batched={f_batched / s_batched:.1f}")
     print(f"{name}_gflops_per_s_loop={f_loop / s_loop:.1f}")
-    print(f"{name}_ratio_at_matmul_peak={(f_batched / peak) / s_loop:.3f}  # the lowest batched ÷ looped this machine allows")
+    print(
+        f"{name}_ratio_at_matmul_peak={(f_batched / peak) / s_loop:.3f}"
+        "  # the lowest batched ÷ looped this machine allows"
+    )
 
 
 def rose_loop(model, x, eps, fits) -> torch.Tensor:
     """Reference: per-sample gradients one image at a time (one backward per image)."""
-    return torch.cat([rose.rose_scores(model, x[j : j + 1], eps[j : j + 1], fits, batch=1)["diag"] for j in range(len(x))])
+    return torch.cat(
+        [rose.rose_scores(model, x[j : j + 1], eps[j : j + 1], fits, batch=1)["diag"] for j in range(len(x))]
+    )
 
 
 def main() -> None:
@@ -85,7 +93,7 @@ def main() -> None:
     fits = rose.fit_rose(model, x, eps, ("diag", "ekfac"), batch=rows)
     per_image = {}
     for kind in ("diag", "ekfac"):
-        t, _ = timed(lambda: rose.rose_scores(model, x, eps, {kind: fits[kind]}, batch=rows))
+        t, _ = timed(partial(rose.rose_scores, model, x, eps, {kind: fits[kind]}, batch=rows))
         per_image[kind] = t / a.n
         print(f"rose_{kind}_img_per_s={a.n / t:.1f}")
     m = a.n_loop  # the loop's cost per image is constant, so a few images measure it
@@ -104,21 +112,29 @@ def main() -> None:
     print(f"nll_img_per_s={a.n / t:.1f}")
     print(f"lratio_img_per_s={a.n / (2 * t):.1f}  # two IWAE likelihoods (main and background model)")
     for codec in ("png", "jp2"):
-        tc, _ = timed(lambda: lb.complexity_bpd(x, codec))
+        tc, _ = timed(partial(lb.complexity_bpd, x, codec))
         print(f"ic_{codec}_img_per_s={a.n / (t + tc):.1f}")
 
     nb, copies = min(a.n, 64), rows
     et, ee = torch.randn(nb, a.lr_steps, 100, device=dev), torch.randn(nb, a.iwae_k, 100, device=dev)
-    t_b, rb = timed(lambda: lb.likelihood_regret_batched(model, x[:nb], et, ee, lr=1e-4, batch=copies),
-                    lambda: lb.likelihood_regret_batched(model, x[:copies], et[:copies], ee[:copies], lr=1e-4, batch=copies))
+    t_b, rb = timed(
+        lambda: lb.likelihood_regret_batched(model, x[:nb], et, ee, lr=1e-4, batch=copies),
+        lambda: lb.likelihood_regret_batched(model, x[:copies], et[:copies], ee[:copies], lr=1e-4, batch=copies),
+    )
     t_l, rl = timed(lambda: lb.likelihood_regret_loop(model, x[:m], et[:m], ee[:m], lr=1e-4),
                     lambda: lb.likelihood_regret_loop(model, x[:2], et[:2], ee[:2], lr=1e-4))
     assert torch.allclose(rb[:m], rl, rtol=1e-3, atol=1e-4)  # same scores, batched or looped
     print(f"lr_img_per_s={nb / t_b:.2f}  # {a.lr_steps} steps, {copies} encoder copies per pass")
     print(f"lr_loop_img_per_s={m / t_l:.2f}")
     print(f"lr_batched_vs_loop={(t_b / nb) / (t_l / m):.3f}  # seconds per image, batched ÷ looped")
-    report_floor("lr", gflop(lambda: lb.likelihood_regret_batched(model, x[:nb], et, ee, lr=1e-4, batch=copies)) / nb, t_b / nb,
-                 gflop(lambda: lb.likelihood_regret_loop(model, x[:m], et[:m], ee[:m], lr=1e-4)) / m, t_l / m, peak)
+    report_floor(
+        "lr",
+        gflop(lambda: lb.likelihood_regret_batched(model, x[:nb], et, ee, lr=1e-4, batch=copies)) / nb,
+        t_b / nb,
+        gflop(lambda: lb.likelihood_regret_loop(model, x[:m], et[:m], ee[:m], lr=1e-4)) / m,
+        t_l / m,
+        peak,
+    )
 
 
 if __name__ == "__main__":

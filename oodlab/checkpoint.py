@@ -8,6 +8,7 @@ and ``ARTIFACTS_DIR`` (method-specific files, logged to MLflow as they are).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,8 @@ ARTIFACTS_DIR = "artifacts"
 
 def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]]) -> None:
     """Flatten {set: {score: array}} into one npz with keys ``set/score``."""
-    np.savez_compressed(path, **{f"{s}/{k}": v for s, d in scores.items() for k, v in d.items()})
+    flat: dict[str, Any] = {f"{s}/{k}": v for s, d in scores.items() for k, v in d.items()}
+    np.savez_compressed(path, **flat)
 
 
 def load_scores(path: Path) -> dict[str, dict[str, np.ndarray]]:

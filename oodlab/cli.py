@@ -18,6 +18,10 @@ from pathlib import Path
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
+class BadName(ValueError):
+    """A study or file name the command does not know; one line on stderr, exit 2."""
+
+
 def study_path(name: str) -> Path:
     p = Path(name)
     if p.suffix == ".py" and p.exists():
@@ -25,8 +29,16 @@ def study_path(name: str) -> Path:
     p = STUDIES / f"{name.removesuffix('.py')}.py"
     if not p.exists():
         known = sorted(f.stem for f in STUDIES.glob("*.py"))
-        raise SystemExit(f"error: unknown study {name!r}; known: {', '.join(known)}")
+        raise BadName(f"unknown study {name!r}; known: {', '.join(known)}")
     return p
+
+
+def known_studies(storage: Path) -> list[str]:
+    """Names of the studies (MLflow experiments with a parent run) under ``storage``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(storage / 'mlflow.db').resolve()}")
+    return sorted(e.name for e in client.search_experiments() if e.name != "Default")
 
 
 def run_study(name: str, args: list[str]) -> int:
@@ -51,7 +63,7 @@ def list_studies(storage: Path) -> int:
     print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'best':>8}  {'resumable':9}")
     for s in optuna.get_all_study_summaries(url):
         trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
-        count = lambda st: sum(t.state.name == st for t in trials)  # noqa: E731
+        count = lambda st: sum(t.state.name == st for t in trials)
         best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
         resumable = "yes" if (storage / "ray" / s.study_name).exists() else "no"
         print(f"{s.study_name:32} {count('COMPLETE'):8d} {count('RUNNING'):8d} {count('FAIL'):7d} {best:>8}  {resumable}")
@@ -67,6 +79,11 @@ def optuna_summary(storage: Path, study: str, top: int = 5) -> str:
     done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return "(no finished trials in Optuna)"
+    if len(s.directions) > 1:  # multi-objective: the Pareto front
+        lines = [f"### Pareto front ({', '.join(d.name.lower() for d in s.directions)}, {len(done)} finished)", "",
+                 "| trial | values | params |", "|---|---|---|"]
+        lines += [f"| {t.number} | {', '.join(f'{v:.4f}' for v in t.values)} | {t.params} |" for t in s.best_trials]
+        return "\n".join(lines)
     sign = -1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     lines = [f"### Best trials ({s.direction.name.lower()}, {len(done)} finished)", "",
              "| trial | value | params |", "|---|---|---|"]
@@ -88,6 +105,9 @@ def report_study(storage: Path, study: str) -> int:
     if not (storage / "mlflow.db").exists():
         print(f"error: no results under {storage} (looked for {storage / 'mlflow.db'})", file=sys.stderr)
         return 2
+    known = known_studies(storage)
+    if study not in known:
+        raise BadName(f"no study {study!r} under {storage}; known: {', '.join(known) or '(none)'}")
     print(report.report(storage, study))
     print()
     print(optuna_summary(storage, study))
@@ -106,7 +126,15 @@ def ui(storage: Path, port: int, host: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point; a bad study name is one line on stderr and exit code 2."""
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except BadName as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("run", "resume"):  # pass every flag through to the study file
         if len(argv) < 2:
             raise SystemExit(f"usage: oodlab {argv[0]} STUDY [flags]")

@@ -57,8 +57,8 @@ class ConsoleCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended += 1
         err = trial.get_error()
-        log.info("trial %s errored: %s [%d/%d]", trial.trial_id, str(err).strip().splitlines()[-1][:200] if err else "?",
-                 self._ended, self.total)
+        last = str(err).strip().splitlines()[-1][:200] if err else "?"
+        log.info("trial %s errored: %s [%d/%d]", trial.trial_id, last, self._ended, self.total)
 
 
 def format_table(rows: list[dict[str, Any]], header: str = "") -> str:

@@ -4,7 +4,8 @@ Spec grammar: ``name``, ``name[mod=val,...]`` or ``npz:/path/file.npz[mods]``.
 Modifiers (applied in this order): ``labels=0-4`` / ``labels=1,7``, ``n=1000``,
 ``channels=1|3``, ``size=32``, ``brightness=0.6`` (pixels × factor, clamped; paper 004 §3.2).
 ``overall`` is paper 004's mixed OOD set: 1,000 random test images of each available
-OOD set (``OVERALL``; plus ``OVERALL_OPTIONAL`` where present), shuffled, labels = source index. Everything is held as one N×C×H×W uint8 tensor so
+OOD set (``OVERALL``; plus ``OVERALL_OPTIONAL`` where present), shuffled, labels = source index.
+Everything is held as one N×C×H×W uint8 tensor so
 training code batches by slicing on the device, with no DataLoader.
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import io
 import os
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ class ImageSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def to(self, device: str | torch.device) -> "ImageSet":
+    def to(self, device: str | torch.device) -> ImageSet:
         return replace(self, x=self.x.to(device), y=None if self.y is None else self.y.to(device))
 
     @property
@@ -55,7 +56,8 @@ OVERALL = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "
 OVERALL_OPTIONAL = ("kmnist", "cifar10[channels=1,size=28]", "svhn[channels=1,size=28]")  # when on disk
 OVERALL_EACH = 1000
 _SYNTH_N = 10_000
-_FIX = "Set OODLAB_DATA_DIR to a folder with the torchvision layout (e.g. ../shared/data), or run on a machine with internet."
+_FIX = ("Set OODLAB_DATA_DIR to a folder with the torchvision layout (e.g. ../shared/data), "
+        "or run on a machine with internet.")
 
 
 def data_root() -> Path:
@@ -228,7 +230,7 @@ def _load_tv(name: str, split: str, root: Path) -> tuple[torch.Tensor, torch.Ten
     train = split == "train"
     try:
         ds = _tv_dataset(name, root, train, False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - torchvision raises various errors for a missing/partial copy: fetch it
         ds = _download(name, split, root, root / _TV[name])
     x = torch.as_tensor(np.asarray(ds.data))
     y = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets), dtype=torch.int64)
@@ -245,7 +247,9 @@ def _decode_omniglot(zpath: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode a zip of 105×105 PNGs to inverted 28×28 uint8; cached since it takes ~1 s."""
     from PIL import Image
 
-    imgs, labels, alphabets = [], [], {}
+    imgs: list[np.ndarray] = []
+    labels: list[int] = []
+    alphabets: dict[str, int] = {}
     with zipfile.ZipFile(zpath) as z:
         for member in sorted(n for n in z.namelist() if n.endswith(".png")):
             alphabet = member.split("/")[-3]
@@ -343,6 +347,8 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
     if name in _SYNTH:  # n, channels, size set the generated shape
         x, y = _synthetic(name, split, mods.get("n", _SYNTH_N), mods.get("channels", 1), mods.get("size", 28)), None
     elif name == "npz":
+        if path is None:
+            raise DataError(f"{spec!r}: npz needs a path, e.g. npz:/data/x.npz")
         x, y = _load_npz(path)
     elif name in _IDX:
         x, y = _load_idx(name, split, root)

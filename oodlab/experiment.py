@@ -14,9 +14,10 @@ import dataclasses
 import math
 import re
 import time
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ class TrialConfig:
         return ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -303,7 +304,9 @@ def build(config: dict[str, Any] | TrialConfig) -> Experiment:
     return method_module(cfg.method).Experiment(cfg)
 
 
-def run_trial(config: dict[str, Any] | TrialConfig, on_epoch: Callable[[EpochResult], None] | None = None) -> EpochResult:
+def run_trial(
+    config: dict[str, Any] | TrialConfig, on_epoch: Callable[[EpochResult], None] | None = None
+) -> EpochResult:
     """Run a whole trial without Ray; returns the last epoch's result."""
     exp = build(config)
     res = None

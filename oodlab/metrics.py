@@ -1,13 +1,16 @@
-"""OOD detection metrics, OOD = positive class, scores: higher = more OOD.
+"""OOD detection metrics; scores: higher = more OOD.
 
-``ood_metrics(score_in, score_out)`` returns a flat dict with stable keys:
+``ood_metrics(score_in, score_out)`` returns a flat dict with stable keys. Conventions
+(papers 002 App. C and 004 Tables 4-5):
 
-* ``auroc``            area under the ROC curve (scikit-learn's ``roc_auc_score``)
-* ``aupr_out``         average precision with OOD as positive
-* ``aupr_in``          average precision with ID as positive (scores negated)
-* ``fpr95`` / ``fpr80`` fraction of ID samples flagged OOD at the threshold that flags
-                       95% / 80% of OOD samples (TPR of the OOD class)
-* ``detection_error``  min over thresholds of ½(1 − TPR) + ½ FPR
+* ``auroc``            area under the ROC curve, OOD = positive (scikit-learn's ``roc_auc_score``)
+* ``aupr_out``         average precision (scikit-learn, step-wise sum, not the trapezoid rule),
+                       OOD = positive
+* ``aupr_in``          average precision, ID = positive (scores negated)
+* ``fpr95`` / ``fpr80`` ID = positive: the threshold keeps (accepts as ID) at least 95% / 80% of
+                       the ID images; the figure is the fraction of OOD images accepted as ID
+* ``detection_error``  min over thresholds of ½ P(ID rejected) + ½ P(OOD accepted); the same
+                       under either choice of positive class
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ def roc(score_in: np.ndarray, score_out: np.ndarray) -> tuple[np.ndarray, np.nda
 def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict[str, float]:
     scores, labels = _labelled(score_in, score_out)
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    # ID positive, low score = ID: x-axis = OOD accepted as ID, y-axis = ID accepted.
+    ood_accepted, id_accepted, _ = roc_curve(1 - labels, -scores, drop_intermediate=False)
     return {
         "auroc": float(roc_auc_score(labels, scores)),
         "aupr_in": float(average_precision_score(1 - labels, -scores)),
         "aupr_out": float(average_precision_score(labels, scores)),
-        "fpr95": fpr_at_tpr(fpr, tpr, 0.95),
-        "fpr80": fpr_at_tpr(fpr, tpr, 0.80),
+        "fpr95": fpr_at_tpr(ood_accepted, id_accepted, 0.95),
+        "fpr80": fpr_at_tpr(ood_accepted, id_accepted, 0.80),
         "detection_error": float(np.min(0.5 * (1 - tpr) + 0.5 * fpr)),
     }

@@ -64,7 +64,7 @@ class MixturePrior:
 
     @classmethod
     def build(cls, family: str, components: int, distance: float, dim: int, beta: float = 4.0,
-              device: torch.device | str = "cpu") -> "MixturePrior":
+              device: torch.device | str = "cpu") -> MixturePrior:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         if beta <= 0:
@@ -76,7 +76,7 @@ class MixturePrior:
     def components(self) -> int:
         return self.means.shape[0]
 
-    def to(self, device: torch.device | str) -> "MixturePrior":
+    def to(self, device: torch.device | str) -> MixturePrior:
         return MixturePrior(self.means.to(device), self.family, self.beta)
 
     def log_prob_components(self, z: torch.Tensor) -> torch.Tensor:

@@ -141,9 +141,9 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
         except ConnectionError as e:
             raise StudyError(str(e)) from None
 
+    local: dict[str, Any] = {} if args.address else {"num_cpus": os.cpu_count()}
     ray.init(address=args.address, include_dashboard=False, log_to_driver=args.verbose,
-             logging_level=logging.INFO if args.verbose else logging.WARNING,
-             **({} if args.address else {"num_cpus": os.cpu_count()}))
+             logging_level=logging.INFO if args.verbose else logging.WARNING, **local)
     gpus = ray.cluster_resources().get("GPU", 0)
     if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
         ray.shutdown()
@@ -205,7 +205,7 @@ def tune(ctx: Context) -> Any:
             log.info("marked %d orphaned Optuna trial(s) FAIL", orphans)
         tuner = rtune.Tuner.restore(ctx.exp_dir, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
-    directions = ["maximize" if m == "max" else "minimize" for m in plan.modes]
+    directions: list[Any] = ["maximize" if m == "max" else "minimize" for m in plan.modes]
     ot_study = optuna.create_study(study_name=plan.name, storage=ctx.optuna_url, load_if_exists=True,
                                    directions=directions)
     ot_study.set_user_attr(tags.OPTUNA_NUM_SAMPLES, plan.num_samples)  # read back on resume: done vs interrupted
@@ -228,7 +228,8 @@ def tune(ctx: Context) -> Any:
     log.info("space: %s", "  ".join(f"{k}={d}" for k, d in plan.space.items()))
     from ray.tune.logger import JsonLoggerCallback
 
-    callbacks = [JsonLoggerCallback(), tracking.MLflowCallback(ctx.mlflow_uri, ctx.exp_id, ctx.parent, plan.name, name_keys=keys,
+    callbacks = [JsonLoggerCallback(),
+                 tracking.MLflowCallback(ctx.mlflow_uri, ctx.exp_id, ctx.parent, plan.name, name_keys=keys,
                                          max_epoch=max_epoch),
                  console.ConsoleCallback(keys, plan.targets, max_epoch, plan.num_samples)]
     tuner = rtune.Tuner(
@@ -296,7 +297,9 @@ def best_row(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any] | None:
     """The best finished (not stopped) trial by the single target."""
     done = [r for r in rows if r["status"] == "OK" and _finite(r.get(plan.metric))]
     sign = 1 if plan.mode == "max" else -1
-    return max(done, key=lambda r: sign * r[plan.metric], default=None)
+    if not done:
+        return None
+    return max(done, key=lambda r: sign * float(r[plan.metric]))
 
 
 def pareto_text(ctx: Context) -> str:
@@ -305,7 +308,8 @@ def pareto_text(ctx: Context) -> str:
     study = optuna.load_study(study_name=ctx.plan.name, storage=ctx.optuna_url)
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     rows = [{"optuna trial": t.number, **t.params, **dict(zip(ctx.plan.targets, t.values))} for t in front]
-    return console.format_table(rows, header=f"Pareto front ({', '.join(f'{t} {m}' for t, m in zip(ctx.plan.targets, ctx.plan.modes))})")
+    goals = ", ".join(f"{t} {m}" for t, m in zip(ctx.plan.targets, ctx.plan.modes))
+    return console.format_table(rows, header=f"Pareto front ({goals})")
 
 
 def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
@@ -349,7 +353,7 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
             summary[f"best_{plan.metric}"] = best[plan.metric]
             for c, metric in cols:  # every AUROC of the configuration the target selected
                 v = best.get(metric if metric in plan.targets else c)
-                if _finite(v):
+                if isinstance(v, float) and math.isfinite(v):
                     summary[f"selected_{metric}"] = v
     with tempfile.TemporaryDirectory() as d:
         figures = study_plots.search_figures(ot_study, rows, plan, Path(d))

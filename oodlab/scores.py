@@ -56,7 +56,9 @@ def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, generator: torch.Ge
 
 
 @torch.no_grad()
-def score_batch(model: VAE, x: torch.Tensor, iwae_k: int = 0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def score_batch(
+    model: VAE, x: torch.Tensor, iwae_k: int = 0, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """All scores for one batch of [0,1] images, each (B,), higher = more OOD."""
     t = elbo_terms(model, x, generator)
     out = {"bpd": to_bpd(t["elbo"], model.dims), "kl": t["kl"]}

@@ -89,7 +89,7 @@ class FloatRange:
         return f"{self.lo:g}..{self.hi:g}" + (":log" if self.log else "")
 
 
-Dimension = Union[Categorical, IntRange, FloatRange]
+Dimension = Categorical | IntRange | FloatRange
 Space = dict[str, Dimension]
 
 
@@ -134,12 +134,14 @@ def parse_dimension(spec: str) -> Dimension:
     bad = [o for o in opts if o not in ("int", "log")]
     if bad:
         raise SpaceError(f"space spec {spec!r}: unknown option(s) {bad}; use :log and/or :int")
-    cast = int if "int" in opts else float
     try:
-        lo, hi = cast(lo_s), cast(hi_s)
+        if "int" in opts:
+            ilo, ihi = int(lo_s), int(hi_s)
+        else:
+            flo, fhi = float(lo_s), float(hi_s)
     except ValueError:
         raise SpaceError(f"space spec {spec!r}: bounds must be numbers (int for :int)") from None
-    return IntRange(lo, hi, log="log" in opts) if cast is int else FloatRange(lo, hi, log="log" in opts)
+    return IntRange(ilo, ihi, log="log" in opts) if "int" in opts else FloatRange(flo, fhi, log="log" in opts)
 
 
 def split_assignment(text: str, flag: str) -> tuple[str, str]:
@@ -241,7 +243,7 @@ class DefineByRun:
     dims: tuple[tuple[str, Dimension], ...]
 
     @classmethod
-    def of(cls, space: Space) -> "DefineByRun":
+    def of(cls, space: Space) -> DefineByRun:
         return cls(tuple(space.items()))
 
     def __call__(self, trial: Any) -> None:

@@ -24,14 +24,27 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from oodlab import data
 from oodlab.experiment import ConfigError, build_config, metric_name
-from oodlab.space import (Categorical, FloatRange, Space, SpaceError, as_space, coerce, describe, field_types,
-                          grid_size, grid_values, parse_dimension, split_assignment, typed)
+from oodlab.space import (
+    Categorical,
+    Space,
+    SpaceError,
+    as_space,
+    coerce,
+    describe,
+    field_types,
+    grid_size,
+    grid_values,
+    parse_dimension,
+    split_assignment,
+    typed,
+)
 
 SAMPLERS = ("grid", "tpe", "random", "cmaes")
 SCHEDULERS = ("fifo", "asha")
@@ -135,7 +148,8 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: local Ray)")
     g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
     g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
-    g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (0 = as resources allow)")
+    g.add_argument("--max-concurrent", type=int, default=0,
+                   help="cap on trials running at once (0 = as resources allow)")
     g.add_argument("--max-failures", type=int, default=1,
                    help="retries of a trial whose worker died, from its last checkpoint (default 1)")
     g.add_argument("--checkpoint-storage", help="where Ray keeps experiment state and checkpoints: a shared "
@@ -233,7 +247,8 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
     space = {k: typed(d, types[k], k) for k, d in space.items()}
     if sampler == "grid":
         space = {k: Categorical(tuple(v)) for k, v in grid_values(space).items()}  # FloatRange: SpaceError
-    n_grid = grid_size(space) if sampler == "grid" else grid_size(as_space(spec.grid)) if spec.grid else grid_size(space)
+    paper_grid = space if sampler == "grid" or spec.grid is None else as_space(spec.grid)
+    n_grid = grid_size(paper_grid)
     if args.num_samples is not None and args.num_samples < 1:
         raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
     num_samples = args.num_samples or spec.num_samples or n_grid or 10
@@ -274,7 +289,7 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
             raise StudyError(f"--grace-period {grace}: must be >= eval_every ({cfg.eval_every}; metrics are new only "
                              f"at evaluations) and <= epochs ({cfg.epochs})")
         plan = dataclasses.replace(plan, grace_period=grace)
-    if sampler == "cmaes" and not any(isinstance(d, FloatRange) or not isinstance(d, Categorical) for d in space.values()):
+    if sampler == "cmaes" and all(isinstance(d, Categorical) for d in space.values()):
         log.warning("cmaes over categorical dimensions only: Optuna samples them at random")
     return plan
 
@@ -312,7 +327,8 @@ def validate(plan: Plan, args: argparse.Namespace) -> None:
             for req in cfg.data_requests():
                 if (*req, cfg.pad) not in shapes:
                     shapes[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).shape
-            cfg.check_data({req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()})
+            by_request: dict[Any, tuple[int, int, int]] = {req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()}
+            cfg.check_data(by_request)
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 

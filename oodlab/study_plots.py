@@ -57,7 +57,9 @@ def target_vs_params(rows: list[dict[str, Any]], keys: list[str], target: str, p
             groups[tuple((k, str(r.get(k))) for k in r if k not in ("seed", "trial", "epochs", "status")
                          and k in keys)].append(r[target])
         labels = sorted({str(r.get(key)) for r in done}, key=lambda s: float(s) if numeric else s)
-        pos = (lambda v: float(v)) if numeric else (lambda v: labels.index(str(v)))
+        def pos(v: Any, labels: list[str] = labels, numeric: bool = numeric) -> float:
+            return float(v) if numeric else float(labels.index(str(v)))
+
         stopped = [r for r in done if str(r.get("status", "OK")) != "OK"]
         full = [r for r in done if str(r.get("status", "OK")) == "OK"]
         ax.scatter([pos(r[key]) for r in full], [r[target] for r in full], s=14, alpha=0.6, label="trial")

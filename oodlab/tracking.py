@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def tag_study(uri: str, experiment_id: str, parent_run_id: str, run_tags: dict[s
 
 
 def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str],
-                 status: str = "FINISHED", figures: list[Path] = ()) -> None:
+                 status: str = "FINISHED", figures: Sequence[Path] = ()) -> None:
     """Log the study's summary metrics, text files and figures to the parent run and close it."""
     from mlflow.entities import Metric
 
@@ -164,7 +165,8 @@ class MLflowCallback(tune.Callback):
             return  # already logged before a crash
         now = int(time.time() * 1000)
         device = [RunTag(tags.DEVICE, str(result["device"]))] if "device" in result and step == 1 else []
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(result).items()], tags=device)
+        metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
+        self.client.log_batch(run_id, metrics=metrics, tags=device)
         self._last_step[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -33,10 +33,11 @@ def newest_checkpoints(ckpt: tune.Checkpoint) -> list[tune.Checkpoint]:
     import pyarrow.fs
 
     parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    fs = ckpt.filesystem or pyarrow.fs.LocalFileSystem()
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
     names = sorted((i.base_name for i in infos
                     if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
-    return [tune.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in names] or [ckpt]
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in names] or [ckpt]
 
 
 def restore(exp, ckpt: tune.Checkpoint) -> tune.Checkpoint:

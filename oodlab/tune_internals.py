@@ -39,7 +39,10 @@ def check_private_api() -> None:
     from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler, _Bracket
     from ray.tune.search.optuna import OptunaSearch
 
-    s = OptunaSearch(space=lambda t: t.suggest_float("x", 0, 1), metric="m", mode="max")
+    def space(t: Any) -> None:
+        t.suggest_float("x", 0, 1)
+
+    s = OptunaSearch(space=space, metric="m", mode="max")
     for attr in ("_ot_trials", "_ot_study", "_completed_trials", "_metric"):
         assert hasattr(s, attr), f"ray OptunaSearch lost {attr}"
     assert hasattr(s._ot_study, "_storage"), "optuna Study lost _storage"
@@ -71,9 +74,13 @@ def searcher_class() -> type:
             super().__init__(*args, **kwargs)
             self.max_epoch = max_epoch
 
+        @property
+        def study(self) -> Any:
+            return self._ot_study
+
         def _finished_in_optuna(self, trial_id: str) -> bool:
             ot = self._ot_trials.get(trial_id)
-            return ot is not None and self._ot_study._storage.get_trial(ot._trial_id).state.is_finished()
+            return ot is not None and self.study._storage.get_trial(ot._trial_id).state.is_finished()
 
         def _report(self, trial_id: str, result: dict) -> None:
             """The target at this epoch as Optuna's intermediate value (steps = epochs, not Tune's iterations)."""
@@ -95,9 +102,10 @@ def searcher_class() -> type:
                 return
             ot = self._ot_trials.get(trial_id)
             if ot is not None:
-                storage, tid = self._ot_study._storage, ot._trial_id
+                storage, tid = self.study._storage, ot._trial_id
                 storage.set_trial_user_attr(tid, tags.TRIAL, trial_id)
-                reason = (result or {}).get("error") or (f"trial errored (see MLflow tag {tags.ERROR})" if error else None)
+                reason = (result or {}).get("error") or (
+                    f"trial errored (see MLflow tag {tags.ERROR})" if error else None)
                 if reason:
                     storage.set_trial_user_attr(tid, tags.OPTUNA_ERROR, str(reason)[:2000])
                 epoch = (result or {}).get("epoch")
@@ -106,7 +114,7 @@ def searcher_class() -> type:
                     storage.set_trial_user_attr(tid, "stopped_at_epoch", int(epoch))
                     self._report(trial_id, result or {})  # the value it was stopped with
                     # PRUNED (value = last intermediate): TPE ranks it by that value, CMA-ES and random skip it
-                    self._ot_study.tell(ot, state=optuna.trial.TrialState.PRUNED)
+                    self.study.tell(ot, state=optuna.trial.TrialState.PRUNED)
                     self._completed_trials.add(trial_id)
                     return
             super().on_trial_complete(trial_id, result=result, error=error)
@@ -120,7 +128,7 @@ def known_optuna_trials(exp_dir: Path) -> set[int] | None:
     if not states:
         return None
     with open(states[-1], "rb") as f:
-        saved = pickle.load(f)  # noqa: S301 - Tune's own file in the study's folder
+        saved = pickle.load(f)
     return {t.number for t in saved.get("_ot_trials", {}).values()}
 
 

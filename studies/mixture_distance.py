@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.space import Categorical, FloatRange, IntRange  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric  # noqa: E402
+from oodlab.space import Categorical, FloatRange, IntRange
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
 
 # Log-spaced 10..300 plus the papers' values (VAE 150, Glow 100, CIFAR VAE 200).
 DISTANCES = [10, 20, 50, 100, 150, 200, 300]

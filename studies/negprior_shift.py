@@ -17,18 +17,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data  # noqa: E402
-from oodlab.space import Categorical, FloatRange  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric  # noqa: E402
+from oodlab import data
+from oodlab.space import Categorical, Dimension, FloatRange
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
 
 # Paper 000 §IV: shift ∈ {2,4,6,8,10} tried for gray data, {5,10,…,30} for color (chosen: 8 and 25);
 # negative weight and learning rate are searched on log scales around the paper's 1 and 1e-4.
 GRAY_SHIFTS = [2.0, 4.0, 6.0, 8.0, 10.0]
 COLOR_SHIFTS = [5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
-SPACE = {"shift": FloatRange(2, 10), "neg_weight": FloatRange(0.1, 10, log=True), "lr": FloatRange(1e-5, 1e-3, log=True)}
+SPACE: dict[str, Dimension] = {"shift": FloatRange(2, 10), "neg_weight": FloatRange(0.1, 10, log=True),
+         "lr": FloatRange(1e-5, 1e-3, log=True)}
 COLOR_SPACE = {**SPACE, "shift": FloatRange(5, 30)}
-GRID = {"shift": Categorical(tuple(GRAY_SHIFTS))}
-COLOR_GRID = {"shift": Categorical(tuple(COLOR_SHIFTS))}
+GRID: dict[str, Dimension] = {"shift": Categorical(tuple(GRAY_SHIFTS))}
+COLOR_GRID: dict[str, Dimension] = {"shift": Categorical(tuple(COLOR_SHIFTS))}
 
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("negative-prior sweep")
@@ -61,7 +62,8 @@ def build(args: argparse.Namespace) -> StudySpec:
     if args.shifts:
         space["shift"] = grid["shift"] = Categorical(tuple(float(s) for s in args.shifts.split(",")))
     elif args.smoke:
-        grid["shift"] = Categorical((grid["shift"].values[0], grid["shift"].values[3]))
+        paper = COLOR_SHIFTS if color else GRAY_SHIFTS
+        grid["shift"] = Categorical((paper[0], paper[3]))
     listed = {"negatives": args.negatives.split(","), "decoder": args.decoder.split(",")}
     for k, v in listed.items():
         if len(v) > 1:

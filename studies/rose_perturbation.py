@@ -24,15 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import build_config, load_sets, resolve_device  # noqa: E402
-from oodlab.space import Categorical, FloatRange, IntRange  # noqa: E402
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric  # noqa: E402
+from oodlab.experiment import build_config, load_sets, resolve_device
+from oodlab.space import Categorical, FloatRange, IntRange
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
 FAMILIES = {  # score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
     "rose": ("rose", {"preconditioner": ["diag", "ekfac"], "fisher_n": [100, 1000, 10000]}),
-    "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)], "lratio_l2": [0.0, 10.0]}),
+    "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)],
+                          "lratio_l2": [0.0, 10.0]}),
     "rnd": ("rnd", {"rnd_perturbation": ["svd:22", "svd:28", "dct:22", "dct:28", "gb", "random:0.2", "random:0.3"]}),
 }
 # Continuous spaces: Fisher sample count on a log scale over the paper's 100..10000; LRatio λ over
@@ -41,8 +42,8 @@ SPACES = {
     "rose": {"preconditioner": Categorical(("diag", "ekfac")), "fisher_n": IntRange(100, 10000, log=True)},
     "lratio": {"lratio_perturbation": Categorical(tuple(FAMILIES["lratio"][1]["lratio_perturbation"])),
                "lratio_l2": FloatRange(0.0, 10.0)},
-    "rnd": {"rnd_perturbation": Categorical(tuple(f"{kind}:{k}" for kind in ("svd", "dct") for k in (16, 20, 22, 24, 28))
-                                            + ("gb", "random:0.2", "random:0.3"))},
+    "rnd": {"rnd_perturbation": Categorical(
+        (*(f"{kind}:{k}" for kind in ("svd", "dct") for k in (16, 20, 22, 24, 28)), "gb", "random:0.2", "random:0.3"))},
 }
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,8 @@ def build(args: argparse.Namespace) -> StudySpec:
         grid.pop("fisher_n", None)
         space.pop("fisher_n", None)
     if args.smoke:  # two trials
-        grid = {k: v[:2] for k, v in grid.items()} if args.family != "lratio" else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]}
+        grid = ({k: v[:2] for k, v in grid.items()} if args.family != "lratio"
+                else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]})
     fixed = dict(method="rose", id=args.id, ood=",".join([ood, *bright]), scores=score, iwae_k=args.iwae_k,
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
                  vae_cache=str(Path(args.storage).resolve() / "vae_cache"), **common_overrides(args))

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import kill_leftovers, optuna_states, study_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +58,12 @@ def test_diverging_trial_fails_with_reason_and_study_goes_on(tmp_path, ray_tmp):
     assert status["None"][0] == "FINISHED"
     assert status["2"][0] == "FAILED" and "epoch 2" in status["2"][1]
     # the failed trial ran epoch 1 only: no retry of a deterministic divergence
-    assert [m.step for m in client.get_metric_history(next(r.info.run_id for r in runs if r.data.params["fail_at_epoch"] == "2"), "loss")] == [1]
+    assert [
+        m.step
+        for m in client.get_metric_history(
+            next(r.info.run_id for r in runs if r.data.params["fail_at_epoch"] == "2"), "loss"
+        )
+    ] == [1]
 
 
 @pytest.mark.slow
@@ -164,7 +168,7 @@ def test_searcher_never_tells_optuna_twice(tmp_path):
     from oodlab.study import CategoricalSpace, _searcher_class
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
-    make = lambda: _searcher_class()(space=CategoricalSpace({"x": [1, 2]}), metric="m", mode="max",  # noqa: E731
+    make = lambda: _searcher_class()(space=CategoricalSpace({"x": [1, 2]}), metric="m", mode="max",
                                      study_name="s", storage=optuna.storages.RDBStorage(url))
     first = make()
     assert first.suggest("t1")["x"] in (1, 2)

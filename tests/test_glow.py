@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_resumes_exactly
 
 from oodlab.experiment import ConfigError, build, build_config, run_trial

@@ -1,4 +1,5 @@
-"""metrics.ood_metrics: OOD = positive, higher score = more OOD, agreeing with scikit-learn."""
+"""metrics.ood_metrics: higher score = more OOD; AUROC/AUPR agree with scikit-learn, FPR95/80 are
+the papers' (ID positive: the threshold keeps 95% / 80% of ID, FPR = share of OOD accepted)."""
 
 import numpy as np
 import pytest
@@ -27,9 +28,24 @@ def test_fpr95_and_detection_error_by_brute_force():
     thresholds = np.unique(np.r_[s_in, s_out, np.inf])
     tpr = np.array([(s_out >= t).mean() for t in thresholds])
     fpr = np.array([(s_in >= t).mean() for t in thresholds])
-    assert m["fpr95"] == pytest.approx(fpr[tpr >= 0.95].min())
-    assert m["fpr80"] == pytest.approx(fpr[tpr >= 0.80].min())
+    id_kept = np.array([(s_in <= t).mean() for t in thresholds])  # accepted as ID: score <= t
+    ood_kept = np.array([(s_out <= t).mean() for t in thresholds])
+    assert m["fpr95"] == pytest.approx(ood_kept[id_kept >= 0.95].min())
+    assert m["fpr80"] == pytest.approx(ood_kept[id_kept >= 0.80].min())
     assert m["detection_error"] == pytest.approx(np.min(0.5 * (1 - tpr) + 0.5 * fpr))
+
+
+def test_fpr_is_the_papers_id_positive_convention():
+    """ID N(0, 1) vs OOD N(1, 0.3²): keeping 95% of ID (t = 1.645) accepts Φ(0.645/0.3) = 0.984
+    of OOD; the OOD-positive quantity (ID flagged at 95% OOD recall) would be 0.306."""
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(0, 1, 200_000), rng.normal(1, 0.3, 200_000)
+    m = ood_metrics(s_in, s_out)
+    assert m["auroc"] == pytest.approx(0.84, abs=0.01)
+    assert m["fpr95"] == pytest.approx(0.984, abs=0.005)
+    assert m["fpr80"] == pytest.approx(0.299, abs=0.005)  # t = 0.842: Φ(-0.158/0.3)
+    # swapping the shapes (ID narrow, OOD wide) gives the other convention's 0.306
+    assert ood_metrics(s_out - 1, s_in + 1)["fpr95"] == pytest.approx(0.306, abs=0.005)
 
 
 def test_separated_constant_and_reversed():

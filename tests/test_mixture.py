@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import scipy.stats as st
 import torch
-from scipy import integrate
-
 from conftest import assert_resumes_exactly
+from scipy import integrate
 
 from oodlab.experiment import ConfigError, build_config
 from oodlab.methods import mixture
@@ -93,7 +92,9 @@ def test_assigned_component_density_and_kl():
     torch.testing.assert_close(prior.log_prob_assigned(z, comp), p.log_prob(z))
     # Generalized Gaussian: the one-sample estimate is log q − log p_c at z, and is unbiased.
     gg = MixturePrior.build("gen_gaussian", 2, 10.0, 3, beta=4.0)
-    torch.testing.assert_close(gg.kl_assigned(mu, logvar, z, comp), log_normal(z, mu, logvar) - gg.log_prob_assigned(z, comp))
+    torch.testing.assert_close(
+        gg.kl_assigned(mu, logvar, z, comp), log_normal(z, mu, logvar) - gg.log_prob_assigned(z, comp)
+    )
     zs = mu + torch.randn(200_000, 6, 3) * (0.5 * logvar).exp()
     mc = (log_normal(zs, mu, logvar) - gg.log_prob_assigned(zs, comp.expand(200_000, 6))).mean(0)
     gauss_kl = torch.distributions.kl_divergence(q, p)
@@ -132,7 +133,12 @@ def test_cat_vae_shapes_and_categorical_likelihood(arch, c, s):
     mu, logvar = m.encode(x)
     logits = m.decode(mu)
     assert mu.shape == (3, 8) and logits.shape == (3, 256, c, s, s)
-    ref = torch.distributions.Categorical(logits=logits.movedim(1, -1)).log_prob((x * 255).round().long()).flatten(1).sum(1)
+    ref = (
+        torch.distributions.Categorical(logits=logits.movedim(1, -1))
+        .log_prob((x * 255).round().long())
+        .flatten(1)
+        .sum(1)
+    )
     torch.testing.assert_close(m.log_px(x, logits), ref)
 
 
@@ -191,10 +197,17 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert_resumes_exactly(lambda: Experiment(cfg), tmp_path)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(family="cauchy"), "family"), (dict(assignment="gmm"), "assignment"), (dict(components=0), "components"),
-    (dict(components=60, latent_dim=50), "latent_dim"), (dict(is_samples=0), "is_samples"), (dict(model="pixelcnn"), "model"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(family="cauchy"), "family"),
+        (dict(assignment="gmm"), "assignment"),
+        (dict(components=0), "components"),
+        (dict(components=60, latent_dim=50), "latent_dim"),
+        (dict(is_samples=0), "is_samples"),
+        (dict(model="pixelcnn"), "model"),
+    ],
+)
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         build_config({"method": "mixture", **bad})
@@ -208,9 +221,25 @@ def test_study_smoke_end_to_end(tmp_path, ray_tmp):
 
     storage = tmp_path / "results"
     env = study_env(ray_tmp)
-    out = subprocess.run([sys.executable, str(REPO / "studies" / "mixture_distance.py"), "--smoke", "--storage", str(storage),
-                          "--train-n", "200", "--test-n", "60", "--is-samples", "2"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "studies" / "mixture_distance.py"),
+            "--smoke",
+            "--storage",
+            str(storage),
+            "--train-n",
+            "200",
+            "--test-n",
+            "60",
+            "--is-samples",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "best auroc_mnist_nll" in out.stdout
     from mlflow.tracking import MlflowClient

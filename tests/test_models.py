@@ -47,7 +47,11 @@ def test_likelihoods_match_torch():
     x = torch.rand(3, 1, 28, 28)
     logits = torch.randn(3, 1, 28, 28)
     bern = VAE(VAEConfig(decoder="bernoulli"))
-    bce = -(x * torch.nn.functional.logsigmoid(logits) + (1 - x) * torch.nn.functional.logsigmoid(-logits)).flatten(1).sum(1)
+    bce = (
+        -(x * torch.nn.functional.logsigmoid(logits) + (1 - x) * torch.nn.functional.logsigmoid(-logits))
+        .flatten(1)
+        .sum(1)
+    )
     torch.testing.assert_close(bern.log_px(x, logits), -bce)
     gauss = VAE(VAEConfig(decoder="gaussian"))
     with torch.no_grad():

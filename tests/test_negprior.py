@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import assert_resumes_exactly
 
 from oodlab import data
 from oodlab.experiment import ConfigError, build_config, run_trial
-from oodlab.methods.negprior import Config, Experiment
 from oodlab.methods import negprior
+from oodlab.methods.negprior import Config, Experiment
 from oodlab.models.vae import VAE, VAEConfig
 
 
@@ -40,7 +39,9 @@ def test_negatives_move_to_shift_and_inliers_stay_near_zero():
 
 
 def test_trial_on_real_data_reports_finite_metrics():
-    res = run_trial(dict(train_n=1000, test_n=300, epochs=1, negatives="aux", iwae_k=2, ood="mnist,omniglot", device="cpu"))
+    res = run_trial(
+        dict(train_n=1000, test_n=300, epochs=1, negatives="aux", iwae_k=2, ood="mnist,omniglot", device="cpu")
+    )
     for ood in ("mnist", "omniglot"):
         for score in ("bpd", "kl", "iwae"):
             v = res.metrics[f"auroc_{ood}_{score}"]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_resumes_exactly
 
 from oodlab import data
@@ -85,7 +84,8 @@ def test_negatives_are_drawn_from_the_configured_source():
 # ---------------------------------------------------------------- EUBO
 
 def test_eubo_is_the_self_normalised_upper_bound():
-    """Σ softmax(log w)·log w on the same samples: ≥ IWAE bound ≥ mean log w, ≤ max log w; equals a float64 recompute."""
+    """Σ softmax(log w)·log w on the same samples: ≥ IWAE bound ≥ mean log w, ≤ max log w; equals a float64 recompute.
+    """
     torch.manual_seed(0)
     m = VAE(VAEConfig())
     x, k = _fmnist(6), 5
@@ -96,26 +96,40 @@ def test_eubo_is_the_self_normalised_upper_bound():
         eps = torch.randn(mu.repeat_interleave(k, 0).shape, generator=torch.Generator().manual_seed(3))
         z = mu.repeat_interleave(k, 0) + eps * (0.5 * logvar.repeat_interleave(k, 0)).exp()
         q = torch.distributions.Normal(mu.repeat_interleave(k, 0), (0.5 * logvar.repeat_interleave(k, 0)).exp())
-        log_px = -F.binary_cross_entropy_with_logits(m.decode(z), x.repeat_interleave(k, 0), reduction="none").flatten(1).sum(1)
-        log_w = (log_px + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1) - q.log_prob(z).sum(1)).view(-1, k).double()
-    ref = ((log_w - log_w.max(1, keepdim=True).values).exp() * log_w).sum(1) / (log_w - log_w.max(1, keepdim=True).values).exp().sum(1)
+        log_px = (
+            -F.binary_cross_entropy_with_logits(m.decode(z), x.repeat_interleave(k, 0), reduction="none")
+            .flatten(1)
+            .sum(1)
+        )
+        log_w = (
+            (log_px + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1) - q.log_prob(z).sum(1))
+            .view(-1, k)
+            .double()
+        )
+    ref = ((log_w - log_w.max(1, keepdim=True).values).exp() * log_w).sum(1) / (
+        log_w - log_w.max(1, keepdim=True).values
+    ).exp().sum(1)
     torch.testing.assert_close(e.double(), ref, rtol=1e-4, atol=1e-2)
     assert torch.all(e >= iw - 1e-3) and torch.all(iw >= log_w.mean(1).float() - 1e-3)
     assert torch.all(e <= log_w.max(1).values.float() + 1e-3)
-    assert torch.all(log_w < -100) and torch.all(log_w.float().exp() == 0)  # in float32 the naive E[w log w] / E[w] would be 0/0
+    assert torch.all(log_w < -100) and torch.all(
+        log_w.float().exp() == 0
+    )  # in float32 the naive E[w log w] / E[w] would be 0/0
 
 
 def test_eubo_training_is_finite_and_lowers_the_negatives_bound():
     cfg = Config(negatives="aux", eubo=True, eubo_k=4, train_n=600, test_n=100, epochs=1, lr=1e-3, device="cpu")
     exp = Experiment(cfg)
     x_neg = data.to_float(exp.aux_x[:200])
-    measure = lambda: negprior.eubo(exp.model, x_neg, 4, torch.Generator().manual_seed(0)).mean().item()  # noqa: E731
+    measure = lambda: negprior.eubo(exp.model, x_neg, 4, torch.Generator().manual_seed(0)).mean().item()
     with torch.no_grad():
         before = measure()
     parts = [exp.train_epoch() for _ in range(2)]
     with torch.no_grad():
         after = measure()
-    assert all(math.isfinite(v) for p in parts for v in p.values()) and "neg_eubo" in parts[0] and "neg_kl" not in parts[0]
+    assert (
+        all(math.isfinite(v) for p in parts for v in p.values()) and "neg_eubo" in parts[0] and "neg_kl" not in parts[0]
+    )
     assert after < before - 50, f"EUBO of negatives should fall: {before:.1f} -> {after:.1f} nats"
     assert parts[1]["nelbo"] < parts[0]["nelbo"], "inliers' −ELBO should still fall"
 
@@ -134,7 +148,10 @@ def _adv_setup(seed: int = 0):
 def test_adversarial_steps_update_encoder_and_decoder_in_alternation():
     cfg, m, opt_e, opt_d = _adv_setup()
     x, z = _fmnist(20), torch.randn(20, 10)
-    enc0, dec0 = [p.detach().clone() for p in m.encoder_parameters()], [p.detach().clone() for p in m.decoder_parameters()]
+    enc0, dec0 = (
+        [p.detach().clone() for p in m.encoder_parameters()],
+        [p.detach().clone() for p in m.decoder_parameters()],
+    )
     negprior.encoder_step(m, opt_e, x, z, cfg)
     assert _changed(enc0, m.encoder_parameters()) and not _changed(dec0, m.decoder_parameters())
     enc1 = [p.detach().clone() for p in m.encoder_parameters()]
@@ -205,7 +222,9 @@ def test_report_groups_seeds_with_mean_sd_and_paper_numbers(tmp_path):
     cells = {(c.negatives, c.score): c for c in aggregate(trials)}
     assert len(cells) == 4
     c = cells[("none", "bpd")]
-    assert c.values == [0.40, 0.50] and c.mean == pytest.approx(0.45) and c.sd == pytest.approx(np.std([0.4, 0.5], ddof=1))
+    assert (
+        c.values == [0.40, 0.50] and c.mean == pytest.approx(0.45) and c.sd == pytest.approx(np.std([0.4, 0.5], ddof=1))
+    )
     assert c.paper == PAPER_000[("fashion_mnist", "mnist", "bernoulli", "none", "bpd")] == (0.46, 0.05)
     md = to_markdown(list(cells.values()), "s")
     assert "| fashion_mnist | mnist | bernoulli | 0.45 (0.07) [0.46 (0.05)] | 0.98 (0.01) [1.00 (0.00)] |" in md
@@ -248,9 +267,27 @@ def test_study_smoke_end_to_end_then_report(tmp_path, ray_tmp):
     from oodlab.report import report
 
     storage = tmp_path / "results"
-    out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--name", "src",
-                          "--train-n", "300", "--test-n", "100", "--negatives", "none,random,adversarial"],
-                         env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(STUDY),
+            "--smoke",
+            "--storage",
+            str(storage),
+            "--name",
+            "src",
+            "--train-n",
+            "300",
+            "--test-n",
+            "100",
+            "--negatives",
+            "none,random,adversarial",
+        ],
+        env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("src").experiment_id])

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chi2
-
 from conftest import assert_resumes_exactly, study_env
+from scipy.stats import chi2
 
 from oodlab.experiment import ConfigError, build_config, run_trial
 from oodlab.methods import classifier_baselines as cb
@@ -46,7 +45,8 @@ def test_decoder_jacobian_matches_autograd(cvae):
 def test_type1_perturbation_lies_in_jacobian_left_null_space(cvae):
     torch.manual_seed(1)
     x, y = torch.rand(5, 1, 12, 12), torch.tensor([0, 1, 2, 0, 1])
-    xt = og.type1(cvae, x, y, 0.3, 0.7, torch.Generator().manual_seed(0))
+    text = og.Type1Spec(0.3, 0.7, direction="uniform", sign="positive", clip=False)  # the paper's text
+    xt = og.type1(cvae, x, y, text, torch.Generator().manual_seed(0))
     delta = (xt - x).flatten(1).double()  # β·v
     beta = delta.norm(dim=1)
     assert ((beta >= 0.3 - 1e-6) & (beta <= 0.7 + 1e-6)).all() and beta.std() > 0
@@ -60,7 +60,7 @@ def test_type1_perturbation_lies_in_jacobian_left_null_space(cvae):
         null = u_full[:, 4:]  # basis of the left null space (140 vectors)
         assert (v - null @ (null.T @ v)).norm() < 1e-6, "v is not in span of the null-space basis"
     # random directions: two draws at the same point differ
-    xt2 = og.type1(cvae, x, y, 0.3, 0.7, torch.Generator().manual_seed(1))
+    xt2 = og.type1(cvae, x, y, text, torch.Generator().manual_seed(1))
     assert ((xt2 - x).flatten(1).norm(dim=1) - beta.float()).abs().max() < 0.5
     assert not torch.allclose(xt2, xt)
 
@@ -75,6 +75,76 @@ def test_normal_directions_are_uniform_on_the_null_space():
     torch.testing.assert_close(v.norm(dim=1), torch.ones(b, dtype=torch.float64))
     second = (v[:, 2:].T @ v[:, 2:]) / b  # E[v vᵀ] = I/4 for uniform on the 3-sphere in R^4
     assert (second - torch.eye(4, dtype=torch.float64) / 4).abs().max() < 0.02
+
+
+def test_basis_mix_equals_the_authors_sympy_nullspace_mix():
+    """The notebook: sympy Matrix(Jᵀ).nullspace(), each vector unit-normalised, mixed with U(-1,1) weights."""
+    import sympy
+
+    torch.manual_seed(0)
+    b, dd, d = 3, 12, 3
+    jac = torch.randn(b, dd, d, dtype=torch.float64)
+    jac[0, 0], jac[1, :2] = 0.0, 0.0  # zero rows (dead pixels) are never pivots
+    w = 2 * torch.rand(b, dd, dtype=torch.float64) - 1
+    v = og.basis_mix_directions(jac, w)
+    for i in range(b):
+        a = sympy.Matrix(jac[i].T.numpy())
+        basis = np.array([np.array(n, dtype=np.float64).ravel() for n in a.nullspace()])
+        basis /= np.linalg.norm(basis, axis=1, keepdims=True)
+        free = [j for j in range(dd) if j not in a.rref()[1]]
+        ref = (w[i].numpy()[free, None] * basis).sum(0)
+        np.testing.assert_allclose(v[i].numpy(), ref / np.linalg.norm(ref), atol=1e-10)
+        assert (jac[i].T @ v[i]).abs().max() < 1e-12  # in the left null space of J
+    with pytest.raises(ValueError, match="rank"):
+        og.basis_mix_directions(torch.zeros(1, 6, 2, dtype=torch.float64), torch.ones(1, 6, dtype=torch.float64))
+
+
+def test_authors_type1_signs_clipping_and_null_space(cvae):
+    torch.manual_seed(2)
+    x, y = torch.rand(64, 1, 12, 12), torch.arange(64) % 3
+    spec = og.Type1Spec()  # authors: β ~ U[0.1, 28], random sign, basis mix, clipped
+    assert (spec.beta_low, spec.beta_high, spec.direction, spec.sign, spec.clip) == (
+        0.1,
+        28.0,
+        "basis_mix",
+        "random",
+        True,
+    )
+    xt = og.type1(cvae, x, y, spec, torch.Generator().manual_seed(0))
+    assert xt.shape == x.shape and xt.min() >= 0 and xt.max() <= 1 and (xt == 1).any() and (xt == 0).any()
+    raw = og.type1(cvae, x, y, og.Type1Spec(clip=False), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(raw.clamp(0, 1), xt)
+    delta = (raw - x).flatten(1).double()
+    beta = delta.norm(dim=1)
+    assert beta.min() >= 0.1 - 1e-4 and beta.max() <= 28 + 1e-3 and beta.max() > 10
+    with torch.no_grad():
+        mu, _ = cvae.encode(x, y)
+    jac = og.decoder_jacobian(cvae, mu, y).double()
+    assert (
+        (jac.transpose(1, 2) @ (delta / beta[:, None]).unsqueeze(-1)).norm(dim=1).squeeze(-1)
+        < 1e-4 * jac.norm(dim=(1, 2))
+    ).all()
+    # random sign: the direction for the same weights, flipped for about half the images
+    w = 2 * torch.rand(64, 144, generator=torch.Generator().manual_seed(0)) - 1
+    v = og.basis_mix_directions(jac.float(), w.double().float())
+    signs = torch.sign(((delta / beta[:, None]).float() * v).sum(1))
+    assert 10 < (signs > 0).sum() < 54
+
+
+def test_cvae_layers_authors_and_text():
+    authors = CVAE(CVAEConfig(n_classes=5, size=28, latent_dim=10))
+    convs = [m for m in authors.conv if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size, m.stride) for m in convs] == [(32, (3, 3), (2, 2)), (64, (3, 3), (2, 2))]
+    assert authors.enc[0].out_features == 16 and [h.out_features for h in authors.heads] == [10, 10]
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    mu, logvar = authors.encode(x, y)
+    assert mu.shape == logvar.shape == (4, 10)
+    assert authors.decode(mu, y).shape == (4, 1, 28, 28)
+    t1, t2 = authors.elbo_terms(x, y, sample=False), authors.elbo_terms(x, y, sample=False)
+    torch.testing.assert_close(t1["elbo"], t2["elbo"])  # z = μ: deterministic
+    assert not torch.allclose(authors.elbo_terms(x, y)["rec"], t1["rec"])
+    text = CVAE(CVAEConfig(n_classes=5, size=28, latent_dim=10, arch="text"))
+    assert text.enc[0].out_features == 256 and len(text.heads) == 1 and text.decode(mu, y).shape == (4, 1, 28, 28)
 
 
 # ---------------------------------------------------------------- Type II
@@ -221,7 +291,10 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
         for s in names:
             for m in ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"):
                 assert 0.0 <= res.metrics[f"{m}_{ood}_{s}"] <= 1.0
-    assert res.scores["id"]["n1_prob"].shape == (60,) and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    assert (
+        res.scores["id"]["n1_prob"].shape == (60,)
+        and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
+    )
     assert {"acc_n1", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
     assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
 
@@ -236,6 +309,8 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
     (dict(beta_low=1.0, beta_high=0.5), "beta_low"), (dict(radius_factor=0.9), "radius_factor"),
     (dict(type1_frac=1.5), "type1_frac"), (dict(optimizer="lbfgs"), "optimizer"),
     (dict(ood_weight=-1.0), "ood_weight"), (dict(mc_samples=0), "mc_samples"),
+    (dict(cvae_arch="vgg"), "cvae_arch"), (dict(type1_direction="x"), "type1_direction"),
+    (dict(beta_sign="neg"), "beta_sign"), (dict(cvae_optimizer="sgd"), "cvae_optimizer"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):

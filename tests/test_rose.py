@@ -33,7 +33,10 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
 
 def _as_conv_weights(m: RoseVAE, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``encoder_copies``-layout weights back to stacked conv weights {"enc.i.weight": (B, C_out, C_in, k, k)}."""
-    return {f"enc.{i}.weight": w.transpose(1, 2).reshape(len(w), *conv.weight.shape) for i, (conv, w) in enumerate(zip(m.enc, weights))}
+    return {
+        f"enc.{i}.weight": w.transpose(1, 2).reshape(len(w), *conv.weight.shape)
+        for i, (conv, w) in enumerate(zip(m.enc, weights))
+    }
 
 
 def _naive_grads(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
@@ -68,7 +71,10 @@ def test_per_sample_grads_and_diag_fisher_match_naive_loop():
 def test_ekfac_is_exact_for_a_kronecker_fisher():
     """One sample, one location: F = vec(G) vec(G)ᵀ = (h hᵀ) ⊗ (δ δᵀ) exactly, and EKFAC recovers it."""
     g = torch.Generator().manual_seed(0)
-    p, d = torch.randn(1, 1, 5, generator=g, dtype=torch.float64), torch.randn(1, 1, 3, generator=g, dtype=torch.float64)
+    p, d = (
+        torch.randn(1, 1, 5, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, 3, generator=g, dtype=torch.float64),
+    )
     a, b = rose.kfac_factors(p, d)
     ua, ub = rose.eigenbasis(a), rose.eigenbasis(b)
     sigma = rose.diag_fisher(rose.projected_grads(p, d, ua, ub))
@@ -79,7 +85,10 @@ def test_ekfac_is_exact_for_a_kronecker_fisher():
 def test_ekfac_beats_diag_on_a_correlated_kronecker_fisher():
     g = torch.Generator().manual_seed(0)
     n, din, dout = 20000, 4, 3
-    la, lb_ = torch.randn(din, din, generator=g, dtype=torch.float64), torch.randn(dout, dout, generator=g, dtype=torch.float64)
+    la, lb_ = (
+        torch.randn(din, din, generator=g, dtype=torch.float64),
+        torch.randn(dout, dout, generator=g, dtype=torch.float64),
+    )
     p = (torch.randn(n, 1, din, generator=g, dtype=torch.float64) @ la.T)  # correlated inputs
     d = (torch.randn(n, 1, dout, generator=g, dtype=torch.float64) @ lb_.T)  # independent, correlated output grads
     vec = rose.grads_from_terms(p, d).flatten(1)
@@ -169,7 +178,9 @@ def test_input_complexity_code_lengths():
         bpd = lb.complexity_bpd(x, codec)
         assert bpd[0] < 0.3 * bpd[1] and bpd[1] > 7  # a flat image compresses, uniform noise does not
         buf = io.BytesIO()
-        Image.fromarray(x[1, 0].numpy()).save(buf, format=fmt, **({"optimize": True, "compress_level": 9} if fmt == "PNG" else {}))
+        Image.fromarray(x[1, 0].numpy()).save(
+            buf, format=fmt, **({"optimize": True, "compress_level": 9} if fmt == "PNG" else {})
+        )
         assert bpd[1].item() == pytest.approx(8 * buf.tell() / 1024)
 
 
@@ -218,8 +229,11 @@ def test_trial_trains_once_and_scores_many(tmp_path):
     for o in ("mnist", "omniglot"):
         for s in ("rose_diag", "rose_ekfac", "nll", "ic_png"):
             assert 0 <= res.metrics[f"auroc_{o}_{s}"] <= 1
-    np.testing.assert_allclose(res.scores["mnist"]["ic_png"],
-                               res.scores["mnist"]["nll"] - lb.complexity_bpd(a.test["mnist"].x, "png").numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        res.scores["mnist"]["ic_png"],
+        res.scores["mnist"]["nll"] - lb.complexity_bpd(a.test["mnist"].x, "png").numpy(),
+        rtol=1e-5,
+    )
     b = rose.Experiment(build_config({**base, "scores": "rose", "preconditioner": "diag"}))  # another trial, same VAE
     assert len(list(tmp_path.glob("vae-*.pt"))) == 1
     for p, q in zip(a.model.parameters(), b.model.parameters()):
@@ -235,9 +249,29 @@ def test_study_smoke_end_to_end(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     storage = tmp_path / "results"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, str(REPO / "studies" / "rose_perturbation.py"), "--smoke", "--storage", str(storage),
-                          "--name", "e2e", "--train-n", "200", "--test-n", "60", "--fisher-n", "50", "--iwae-k", "2"],
-                         env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "studies" / "rose_perturbation.py"),
+            "--smoke",
+            "--storage",
+            str(storage),
+            "--name",
+            "e2e",
+            "--train-n",
+            "200",
+            "--test-n",
+            "60",
+            "--fisher-n",
+            "50",
+            "--iwae-k",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert len(list((storage / "vae_cache").glob("vae-*.pt"))) == 1  # trained once, in the driver
     from mlflow.tracking import MlflowClient

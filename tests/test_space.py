@@ -4,8 +4,19 @@ import optuna
 import pytest
 
 from oodlab.methods.negprior import Config
-from oodlab.space import (Categorical, DefineByRun, FloatRange, IntRange, SpaceError, coerce, field_types, grid_size,
-                          grid_values, parse_dimension, typed)
+from oodlab.space import (
+    Categorical,
+    DefineByRun,
+    FloatRange,
+    IntRange,
+    SpaceError,
+    coerce,
+    field_types,
+    grid_size,
+    grid_values,
+    parse_dimension,
+    typed,
+)
 
 
 @pytest.mark.parametrize("spec,dim", [

@@ -18,7 +18,7 @@ def _trial(tid):
 
 def test_asha_rungs_survive_a_new_scheduler(tmp_path):
     state = tmp_path / "asha.json"
-    make = lambda: tune_internals.persistent_asha(state, time_attr="epoch", metric="m", mode="max", max_t=4,  # noqa: E731
+    make = lambda: tune_internals.persistent_asha(state, time_attr="epoch", metric="m", mode="max", max_t=4,
                                                   grace_period=1, reduction_factor=2)
     a = make()
     for tid, value in (("t1", 0.8), ("t2", 0.9)):

@@ -86,7 +86,7 @@ def mahalanobis_sq(features: torch.Tensor, g: Gaussian) -> torch.Tensor:
 
 def mahalanobis(model: nn.Module, x: torch.Tensor, g: Gaussian, eps: float = 0.0) -> torch.Tensor:
     """Min-over-classes Mahalanobis distance² of the penultimate features (B,), after optional preprocessing."""
-    dist = lambda v: mahalanobis_sq(model.features(v), g).amin(-1)  # noqa: E731
+    dist = lambda v: mahalanobis_sq(model.features(v), g).amin(-1)
     if eps > 0:
         x = x - eps * input_gradient(dist, x).sign()
     with torch.no_grad():

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from oodlab import data
-from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
+from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.mixture_priors import FAMILIES, MixturePrior
-from oodlab.plots import _pyplot
 from oodlab.models import glow
 from oodlab.models.mixture_vae import ARCHS, CatVAE, CatVAEConfig
+from oodlab.plots import _pyplot
 from oodlab.priors import log_normal
 from oodlab.scores import reparameterize
 
@@ -109,7 +109,11 @@ def is_log_likelihood(model: CatVAE, prior: MixturePrior, x: torch.Tensor, k: in
         b, d = mu.shape
         mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (b·k, D)
         z = reparameterize(mu_k, logvar_k, generator)
-        log_w = model.log_px(xb.repeat_interleave(k, 0), model.decode(z)) + prior.log_prob(z) - log_normal(z, mu_k, logvar_k)
+        log_w = (
+            model.log_px(xb.repeat_interleave(k, 0), model.decode(z))
+            + prior.log_prob(z)
+            - log_normal(z, mu_k, logvar_k)
+        )
         out.append(torch.logsumexp(log_w.view(b, k), dim=1) - math.log(k))
     return torch.cat(out)
 
@@ -221,12 +225,16 @@ class Experiment(BaseExperiment):
                                                        squeezes=cfg.glow_squeezes)).to(self.device)
             else:
                 arch = auto_arch(cfg.arch, c)
-                self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(self.device)
+                self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(
+                    self.device
+                )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         dim = self.model.dims if cfg.model == "glow" else cfg.latent_dim
         if cfg.components > 2 and cfg.components > dim:
-            raise ConfigError(f"components={cfg.components} at d·e_i need a latent of >= {cfg.components} dims, got {dim}")
+            raise ConfigError(
+                f"components={cfg.components} at d·e_i need a latent of >= {cfg.components} dims, got {dim}"
+            )
         self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device)
         self.comp = self._assign(train)  # (N,) component of each training image
         if cfg.model == "glow":
@@ -279,7 +287,9 @@ class Experiment(BaseExperiment):
                     mus.append(z)
                     continue
                 x = data.to_float(s.x[i : i + self.cfg.eval_batch_size])
-                nll.append(-is_log_likelihood(self.model, self.prior, x, self.cfg.is_samples, gen, self.cfg.is_max_rows))
+                nll.append(
+                    -is_log_likelihood(self.model, self.prior, x, self.cfg.is_samples, gen, self.cfg.is_max_rows)
+                )
                 mus.append(self.model.encode(x)[0])
             mu = torch.cat(mus)
             out[name] = {"nll": torch.cat(nll).cpu().numpy()}

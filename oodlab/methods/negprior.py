@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from oodlab import data
-from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, score_sets, set_key
+from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
 from oodlab.priors import kl_to_normal, log_normal
 from oodlab.scores import elbo_terms, reparameterize, score_batch
@@ -62,7 +62,11 @@ def eubo(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None 
     mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (B·k, D)
     z = reparameterize(mu_k, logvar_k, generator)
     zeros = torch.zeros_like(z)
-    log_w = model.log_px(x.repeat_interleave(k, 0), model.decode(z)) + log_normal(z, zeros, zeros) - log_normal(z, mu_k, logvar_k)
+    log_w = (
+        model.log_px(x.repeat_interleave(k, 0), model.decode(z))
+        + log_normal(z, zeros, zeros)
+        - log_normal(z, mu_k, logvar_k)
+    )
     log_w = log_w.view(b, k)
     return (torch.softmax(log_w, dim=1) * log_w).sum(1)
 
@@ -112,7 +116,7 @@ def step_on(opt: torch.optim.Optimizer, params: list[nn.Parameter], objective: t
 
 
 def encoder_step(model: VAE, opt_enc: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor,
-                 cfg: "Config") -> dict[str, torch.Tensor]:
+                 cfg: Config) -> dict[str, torch.Tensor]:
     """Adversarial scheme, encoder update: the generator's samples x̂ = generate(z) are negatives (detached)."""
     with torch.no_grad():
         x_gen = generate(model, z)
@@ -122,7 +126,7 @@ def encoder_step(model: VAE, opt_enc: torch.optim.Optimizer, x: torch.Tensor, z:
 
 
 def decoder_step(model: VAE, opt_dec: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor,
-                 cfg: "Config") -> dict[str, torch.Tensor]:
+                 cfg: Config) -> dict[str, torch.Tensor]:
     """Adversarial scheme, decoder update: −ELBO(x) + adv_weight · KL(q(z|x̂) || p(z)) over decoder weights."""
     parts = decoder_loss(model, x, z, cfg.adv_weight)
     step_on(opt_dec, model.decoder_parameters(), parts["dec_loss"])
@@ -130,7 +134,7 @@ def decoder_step(model: VAE, opt_dec: torch.optim.Optimizer, x: torch.Tensor, z:
 
 
 def adversarial_step(model: VAE, opt_enc: torch.optim.Optimizer, opt_dec: torch.optim.Optimizer, x: torch.Tensor,
-                     z_enc: torch.Tensor, z_dec: torch.Tensor, cfg: "Config") -> dict[str, torch.Tensor]:
+                     z_enc: torch.Tensor, z_dec: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
     """Encoder step, then decoder step, on one inlier batch (the paper's alternating updates)."""
     return {**encoder_step(model, opt_enc, x, z_enc, cfg), **decoder_step(model, opt_dec, x, z_dec, cfg)}
 
@@ -197,7 +201,9 @@ class Config(TrialConfig):
             raise ConfigError(f"aux set {self.aux!r} has images of shape {shapes[(self.aux, self.aux_split)]} "
                               f"but the ID set has {(c, h, h)}")
         try:
-            VAEConfig(arch=auto_arch(self.arch, c), decoder=self.decoder, channels=c, size=h, latent_dim=self.latent_dim)
+            VAEConfig(
+                arch=auto_arch(self.arch, c), decoder=self.decoder, channels=c, size=h, latent_dim=self.latent_dim
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -272,7 +278,9 @@ class Experiment(BaseExperiment):
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = data.to_float(self.train_x[idx])
             if cfg.negatives == "adversarial":
-                return adversarial_step(model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg)
+                return adversarial_step(
+                    model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg
+                )
             parts = loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
             self.opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
@@ -285,7 +293,9 @@ class Experiment(BaseExperiment):
     def score(self) -> Scores:
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
-        return score_sets(self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen))
+        return score_sets(
+            self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
+        )
 
     @torch.no_grad()
     def write_artifacts(self, folder: Path) -> None:

@@ -4,12 +4,16 @@ A conditional VAE learns the ID sub-manifolds (one per class). Two kinds of "eff
 OOD samples are generated from it and fed to an (n+1)-class classifier as class n+1:
 
 * Type I (§3.1, Eq. 1–2): off the manifold. J(x) = ∂g(z, y)/∂z at z = μ(x, y) spans the
-  tangent space; a random unit vector v in the left null space of J (normal bundle) moves
-  the image off it: x̃ = x + β·v, β ~ U[beta_low, beta_high] (paper: U[0.1, 1]).
+  tangent space; a unit vector v in the left null space of J (normal bundle) moves the image
+  off it: x̃ = x ± β·v. Defaults follow the authors' notebook (sverneka/OODGen): v mixes the
+  rref null-space basis of Jᵀ (sympy ``Matrix.nullspace``, each vector unit-normalised) with
+  U(−1, 1) weights, β ~ U[0.1, 28], a random sign, x̃ clipped to [0, 1]. The paper's text
+  (``type1_direction="uniform"``, β ~ U[0.1, 1], ``beta_sign="positive"``, ``clip=False``) is
+  an option.
 * Type II (§3.2, Eq. 3–4): on the manifold, beyond the ID boundary. Per class, fit a
   Gaussian (μ̂, Σ̂ = L Lᵀ) to the encoder means; r95 = Mahalanobis radius holding 95% of
   the training latents; decode z = μ̂ + ρ·L·u, u uniform on the unit sphere,
-  ρ ~ U[r95, radius_factor·r95] (radius_factor = 1 is the paper's ellipsoid surface).
+  ρ ~ U[r95, radius_factor·r95] (authors' notebook: 1.5; 1 = the text's ellipsoid surface).
 
 The classifier is trained with cross-entropy, OOD samples weighted ``ood_weight``
 (paper: 0.1), Adadelta (paper: lr 0.1 for Fashion-MNIST); OOD score ``n1_prob`` =
@@ -30,13 +34,16 @@ import torch.nn.functional as F
 from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
-from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, score_sets
+from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
 
 OPTIMIZERS = ("adadelta", "adam", "sgd")
+CVAE_OPTIMIZERS = ("rmsprop", "adam")
+DIRECTIONS = ("basis_mix", "uniform")
+SIGNS = ("random", "positive")
 FMNIST_OOD = ("fashion_mnist[labels=5-9]", "mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise")
 
 
@@ -68,18 +75,81 @@ def normal_directions(jac: torch.Tensor, generator: torch.Generator | None = Non
     return v / v.norm(dim=1, keepdim=True)
 
 
+def rref_pivots(a: torch.Tensor, rtol: float = 1e-7) -> torch.Tensor:
+    """Pivot columns of the reduced row-echelon form of each A (B, d, D): (B, d) column indices.
+
+    Column j is a pivot when it is independent of the pivots left of it (residual after
+    projecting on their span > rtol·max column norm), the order sympy's ``rref`` picks them in.
+    Assumes each A has full row rank d.
+    """
+    b, d, n = a.shape
+    q = torch.zeros(b, d, d, dtype=a.dtype, device=a.device)  # orthonormal basis of the pivots' span
+    piv = torch.zeros(b, d, dtype=torch.long, device=a.device)
+    count = torch.zeros(b, dtype=torch.long, device=a.device)
+    tol = rtol * a.norm(dim=1).amax(1)
+    rows = torch.arange(b, device=a.device)
+    for j in range(n):
+        col = a[:, :, j]
+        res = col - (q @ (q.transpose(1, 2) @ col.unsqueeze(-1))).squeeze(-1)
+        take = (res.norm(dim=1) > tol) & (count < d)
+        if take.any():
+            r, k = rows[take], count[take]
+            q[r, :, k] = res[take] / res[take].norm(dim=1, keepdim=True)
+            piv[r, k] = j
+            count = count + take.long()
+        if bool((count == d).all()):
+            return piv
+    raise ValueError(f"a Jacobian has rank < {d}: the null space is not (D − d)-dimensional")
+
+
+def basis_mix_directions(jac: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The authors' Type I direction: Σ_j w_j n_j / ‖·‖ over the rref null-space basis {n_j} of Jᵀ.
+
+    jac (B, D, d); weights (B, D), used at the D − d free columns (the notebook: U(−1, 1)).
+    With A = Jᵀ, pivots P and R = A_P⁻¹ A, sympy's basis vector of free column j is e_j − R_j
+    placed at P, unit-normalised: n_j = (e_j − R_j)/s_j, s_j = sqrt(1 + ‖R_j‖²). Summing over j
+    without forming the (D − d) × D basis: v = c − scatter_P(R c), c_j = w_j / s_j (0 at P).
+    """
+    a = jac.transpose(1, 2).double()  # (B, d, D)
+    piv = rref_pivots(a)
+    r = torch.linalg.solve(torch.gather(a, 2, piv.unsqueeze(1).expand(-1, a.shape[1], -1)), a)  # (B, d, D)
+    free = torch.ones_like(weights, dtype=torch.bool).scatter(1, piv, False)
+    c = torch.where(free, weights.double() / (1 + r.pow(2).sum(1)).sqrt(), torch.zeros((), dtype=a.dtype, device=a.device))
+    v = c.scatter_add(1, piv, -(r @ c.unsqueeze(-1)).squeeze(-1))
+    return (v / v.norm(dim=1, keepdim=True)).to(jac.dtype)
+
+
 def uniform(n: int, low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
 
+@dataclass(frozen=True)
+class Type1Spec:
+    """How Type I samples are drawn (defaults: the authors' notebook; the paper's text in brackets)."""
+
+    beta_low: float = 0.1  # β ~ U[beta_low, beta_high]   [0.1]
+    beta_high: float = 28.0  # [1.0]
+    direction: str = "basis_mix"  # basis_mix (rref basis, U(−1,1) weights) | uniform (isotropic in the null space)
+    sign: str = "random"  # random (±1 per image) | positive
+    clip: bool = True  # clip x̃ to [0, 1]   [no]
+
+
 @torch.no_grad()
-def type1(model: CVAE, x: torch.Tensor, y: torch.Tensor, beta_low: float, beta_high: float,
+def type1(model: CVAE, x: torch.Tensor, y: torch.Tensor, spec: Type1Spec,
           generator: torch.Generator | None = None) -> torch.Tensor:
-    """x̃ = x + β·v(x), v ⟂ tangent space at z = μ(x, y), β ~ U[beta_low, beta_high] (paper Eq. 2)."""
+    """x̃ = x ± β·v(x), v ⟂ tangent space at z = μ(x, y), β ~ U[beta_low, beta_high] (paper Eq. 2)."""
     mu, _ = model.encode(x, y)
-    v = normal_directions(decoder_jacobian(model, mu, y), generator)  # (B, D)
-    beta = uniform(len(x), beta_low, beta_high, generator, x.device)
-    return x + (beta.unsqueeze(1) * v).view_as(x)
+    jac = decoder_jacobian(model, mu, y)  # (B, D, d)
+    if spec.direction == "uniform":
+        v = normal_directions(jac, generator)
+    else:
+        w = 2 * torch.rand(jac.shape[:2], generator=generator, device=x.device, dtype=jac.dtype) - 1
+        v = basis_mix_directions(jac, w)
+    beta = uniform(len(x), spec.beta_low, spec.beta_high, generator, x.device)
+    if spec.sign == "random":
+        beta = beta * (2 * torch.randint(0, 2, (len(x),), generator=generator, device=x.device) - 1)
+    xt = x + (beta.unsqueeze(1) * v).view_as(x)
+    return xt.clamp(0.0, 1.0) if spec.clip else xt
 
 
 # ---------------------------------------------------------------- Type II: on the manifold, outside the 95% ellipsoid
@@ -146,14 +216,20 @@ class Config(TrialConfig):
     epochs: int = 10  # classifier epochs (the CVAE trains first, `cvae_epochs` passes, inside epoch 1)
     batch_size: int = 128
     lr: float = 0.1  # classifier learning rate (paper: Adadelta 0.1 for Fashion-MNIST, 0.01 for MNIST)
-    # --- CVAE ---
+    # --- CVAE (defaults: the authors' notebook; text = the layers used before it was read) ---
     latent_dim: int = 10  # paper: 10 for Fashion-MNIST, 8 for MNIST
-    cvae_epochs: int = 10  # passes over the ID training set before the classifiers start
-    cvae_lr: float = 1e-3  # Adam
-    # --- generated OOD samples ---
-    beta_low: float = 0.1  # Type I perturbation size β ~ U[beta_low, beta_high] (paper: [0.1, 1])
-    beta_high: float = 1.0
-    radius_factor: float = 1.0  # Type II radius ρ ~ U[r95, radius_factor·r95] (1 = the paper's ellipsoid surface)
+    cvae_arch: str = "authors"  # authors | text (oodlab.models.cvae)
+    cvae_epochs: int = 100  # passes over the ID training set before the classifiers start (authors: 100)
+    cvae_lr: float = 1e-3
+    cvae_optimizer: str = "rmsprop"  # rmsprop (authors: Keras RMSprop, ρ 0.9, ε 1e-7) | adam
+    cvae_sample: bool = False  # reconstruct from a sampled z (True) or z = μ (authors' notebook)
+    # --- generated OOD samples (defaults: the authors' notebook; the paper's text in brackets) ---
+    beta_low: float = 0.1  # Type I perturbation size β ~ U[beta_low, beta_high]   [0.1]
+    beta_high: float = 28.0  # [1.0]
+    type1_direction: str = "basis_mix"  # basis_mix (rref null-space basis, U(−1,1) mix) | uniform
+    beta_sign: str = "random"  # random ±1 per image | positive
+    clip: bool = True  # clip Type I images to [0, 1]   [no]
+    radius_factor: float = 1.5  # Type II radius ρ ~ U[r95, radius_factor·r95]   [1 = the ellipsoid surface]
     quantile: float = 0.95  # the ellipsoid holds this fraction of each class's training latents
     type1_frac: float = 0.5  # fraction of generated OOD samples that are Type I (rest Type II)
     ood_ratio: float = 1.0  # generated OOD samples per ID sample in a batch
@@ -173,6 +249,10 @@ class Config(TrialConfig):
         _check([
             (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
             (self.cvae_epochs >= 1, f"cvae_epochs must be >= 1, got {self.cvae_epochs}"),
+            (self.cvae_arch in ("authors", "text"), f"cvae_arch must be authors or text, got {self.cvae_arch!r}"),
+            (self.cvae_optimizer in CVAE_OPTIMIZERS, f"cvae_optimizer must be one of {CVAE_OPTIMIZERS}, got {self.cvae_optimizer!r}"),
+            (self.type1_direction in DIRECTIONS, f"type1_direction must be one of {DIRECTIONS}, got {self.type1_direction!r}"),
+            (self.beta_sign in SIGNS, f"beta_sign must be one of {SIGNS}, got {self.beta_sign!r}"),
             (0 < self.cvae_lr < 1, f"cvae_lr must be in (0, 1), got {self.cvae_lr}"),
             (0 <= self.beta_low <= self.beta_high, f"need 0 <= beta_low <= beta_high, got {self.beta_low}, {self.beta_high}"),
             (self.radius_factor >= 1, f"radius_factor must be >= 1 (outside the ellipsoid), got {self.radius_factor}"),
@@ -187,6 +267,10 @@ class Config(TrialConfig):
             (self.conf_beta >= 0, f"conf_beta must be >= 0, got {self.conf_beta}"),
             (0 < self.gan_lr < 1, f"gan_lr must be in (0, 1), got {self.gan_lr}"),
         ])
+
+    @property
+    def type1_spec(self) -> Type1Spec:
+        return Type1Spec(self.beta_low, self.beta_high, self.type1_direction, self.beta_sign, self.clip)
 
     def score_names(self) -> tuple[str, ...]:
         base = ("n1_prob",)
@@ -217,8 +301,10 @@ class Experiment(BaseExperiment):
         c, h, w = train.shape
         if h != w or h % 4:
             raise ConfigError(f"oodgen needs square images with a side divisible by 4, got {h}×{w}")
-        self.cvae = CVAE(CVAEConfig(n_classes=self.n, channels=c, size=h, latent_dim=cfg.latent_dim)).to(self.device)
-        self.cvae_opt = torch.optim.Adam(self.cvae.parameters(), lr=cfg.cvae_lr)
+        self.cvae = CVAE(CVAEConfig(n_classes=self.n, channels=c, size=h, latent_dim=cfg.latent_dim, arch=cfg.cvae_arch)).to(self.device)
+        self.cvae_opt: torch.optim.Optimizer = (
+            torch.optim.RMSprop(self.cvae.parameters(), lr=cfg.cvae_lr, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
+            if cfg.cvae_optimizer == "rmsprop" else torch.optim.Adam(self.cvae.parameters(), lr=cfg.cvae_lr))
         self.clf = {"n1": Classifier(self.n + 1, c, h).to(self.device)}
         if cfg.baselines:
             self.clf["plain"] = Classifier(self.n, c, h).to(self.device)
@@ -237,7 +323,8 @@ class Experiment(BaseExperiment):
         total, n = 0.0, 0
         for _ in range(epochs):
             for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
-                loss = -self.cvae.elbo_terms(data.to_float(self.train_x[idx]), self.train_y[idx], self.gen)["elbo"].mean()
+                x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
+                loss = -self.cvae.elbo_terms(x, y, self.gen, sample=self.cfg.cvae_sample)["elbo"].mean()
                 self.cvae_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.cvae_opt.step()
@@ -259,7 +346,7 @@ class Experiment(BaseExperiment):
         cfg = self.cfg
         j = torch.randint(len(self.train_x), (m,), generator=self.gen, device=self.device)
         m1 = round(cfg.type1_frac * m)
-        x1 = type1(self.cvae, data.to_float(self.train_x[j[:m1]]), self.train_y[j[:m1]], cfg.beta_low, cfg.beta_high, self.gen)
+        x1 = type1(self.cvae, data.to_float(self.train_x[j[:m1]]), self.train_y[j[:m1]], cfg.type1_spec, self.gen)
         x2 = type2(self.cvae, self.latents, self.train_y[j[m1:]], cfg.radius_factor, self.gen)
         return torch.cat([x1, x2]), m1
 
@@ -359,17 +446,18 @@ class Experiment(BaseExperiment):
     # ---- artifacts and checkpoints
     def write_artifacts(self, folder: Path) -> None:
         """``ood_samples.png``: ID images, their Type I perturbations (and |x̃ − x|), Type II samples."""
-        from oodlab.plots import _pyplot
         from torchvision.utils import make_grid
+
+        from oodlab.plots import _pyplot
 
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
         k = 16
         j = torch.randint(len(self.train_x), (k,), generator=gen, device=self.device)
         x, y = data.to_float(self.train_x[j]), self.train_y[j]
-        x1 = type1(self.cvae, x, y, self.cfg.beta_low, self.cfg.beta_high, gen)
+        x1 = type1(self.cvae, x, y, self.cfg.type1_spec, gen)
         diff = (x1 - x).abs()
         x2 = type2(self.cvae, self.latents, y, self.cfg.radius_factor, gen)
-        rows = [("ID training images", x), ("Type I: x + βv (clipped to [0,1] for display)", x1.clamp(0, 1)),
+        rows = [("ID training images", x), ("Type I: x ± βv (clipped to [0,1])", x1.clamp(0, 1)),
                 ("|x̃ − x| scaled to max", diff / diff.flatten(1).amax(1).view(-1, 1, 1, 1)),
                 ("Type II: decoded z outside the 95% ellipsoid (same classes)", x2)]
         plt = _pyplot()

@@ -23,17 +23,18 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, metric_table, set_key
+from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
 
@@ -233,7 +234,7 @@ def _cache_file(folder: str, key: dict[str, Any]) -> Path | None:
     return Path(folder).expanduser() / f"vae-{h}.pt"
 
 
-def ensure_vae(cfg: "Config", x_u8: torch.Tensor, device: torch.device, perturb: str | None = None,
+def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: str | None = None,
                l2: float = 0.0) -> tuple[RoseVAE, list[float]]:
     """Load the VAE trained with this config from ``cfg.vae_cache``, or train and store it (train once, score many)."""
     vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim)

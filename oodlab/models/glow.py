@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -40,9 +41,13 @@ class GlowConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.hidden < 1 or self.squeezes < 1:
-            raise ValueError(f"glow steps, hidden and squeezes must be >= 1, got {self.steps}, {self.hidden}, {self.squeezes}")
+            raise ValueError(
+                f"glow steps, hidden and squeezes must be >= 1, got {self.steps}, {self.hidden}, {self.squeezes}"
+            )
         if self.size % (2**self.squeezes):
-            raise ValueError(f"glow_squeezes={self.squeezes} needs the image size {self.size} divisible by {2**self.squeezes}")
+            raise ValueError(
+                f"glow_squeezes={self.squeezes} needs the image size {self.size} divisible by {2**self.squeezes}"
+            )
 
     @property
     def dims(self) -> int:
@@ -53,6 +58,10 @@ def _random_orthogonal(n: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n))[0]
 
 
+class _Invertible(Protocol):
+    def inverse(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
 class ActNorm(nn.Module):
     """y = (x + b) · exp(logs) per channel; data-dependent init gives zero mean, unit variance."""
 
@@ -60,6 +69,7 @@ class ActNorm(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.initialized: torch.Tensor
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
@@ -87,6 +97,9 @@ class InvConv1x1(nn.Module):
         super().__init__()
         p, l, u = torch.linalg.lu(_random_orthogonal(channels))
         s = torch.diagonal(u)
+        self.p: torch.Tensor
+        self.sign_s: torch.Tensor
+        self.l_mask: torch.Tensor
         self.register_buffer("p", p)
         self.register_buffer("sign_s", torch.sign(s))
         self.register_buffer("l_mask", torch.tril(torch.ones(channels, channels), -1))
@@ -139,6 +152,7 @@ class Coupling(nn.Module):
         cb = channels - self.ca
         last = nn.Conv2d(hidden, 2 * cb, 3, padding=1)
         nn.init.zeros_(last.weight)  # zero init: each step starts near the identity (Glow §3.3)
+        assert last.bias is not None
         nn.init.zeros_(last.bias)
         self.net = nn.Sequential(nn.Conv2d(self.ca, hidden, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(hidden, hidden, 1), nn.ReLU(), last)
@@ -209,7 +223,7 @@ class Glow(nn.Module):
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         y = z.view(z.shape[0], *self.z_shape)
         for layer in reversed(self.layers):
-            y = layer.inverse(y)
+            y = cast(_Invertible, layer).inverse(y)
         return y
 
     @torch.no_grad()
