@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oodlab import console, tags, tracking, tune_internals
+from oodlab import console, ray_connect, stores, tags, tracking, tune_internals
 from oodlab.experiment import build_config, metric_name
 from oodlab.space import Space, grid_values
 from oodlab.study import VAL_PREFIX, Plan, StudyError, StudyInterrupted, first_point
@@ -141,14 +141,22 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
         except ConnectionError as e:
             raise StudyError(str(e)) from None
 
-    local: dict[str, Any] = {} if args.address else {"num_cpus": os.cpu_count()}
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=args.verbose,
-             logging_level=logging.INFO if args.verbose else logging.WARNING, **local)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
+    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False,
+                              log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING)
+    log.debug("Ray: %s (%s)", "joined " + target.address if target.joins else "local", target.reason)
+    try:
+        hosts = ray_connect.node_hosts()
+        if len(hosts) > 1 and not stores.is_shared(ray_root):
+            raise StudyError(f"the Ray cluster spans {len(hosts)} machines but --checkpoint-storage {ray_root} is "
+                             f"on a local disk ({stores.fs_type(ray_root)}): trials on other nodes could not save or "
+                             "resume checkpoints; pass --checkpoint-storage s3://BUCKET/PREFIX or a shared (NFS) path")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
+            raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
+                             "use --gpus-per-trial 0 on CPU-only machines")
+    except StudyError:
         ray.shutdown()
-        raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
-                         "use --gpus-per-trial 0 on CPU-only machines")
+        raise
     results.mkdir(parents=True, exist_ok=True)  # only now: a refused study writes nothing
     if plan.before_run is not None:
         plan.before_run(plan.fixed)

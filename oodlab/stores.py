@@ -1,0 +1,112 @@
+"""Where a study's results live: the Optuna storage URL, the MLflow tracking URI, and whether a
+checkpoint location is shared by every node of a cluster.
+
+Why one module: every entry point (study runner, ``oodlab list/report/ui/export``) must agree on
+the defaults under ``--storage DIR`` and accept the same durable stores instead:
+
+- ``--optuna-storage URL``: any Optuna RDB URL (``sqlite:///…``, ``postgresql://…``,
+  ``mysql+pymysql://…``) or ``journal:///abs/path/file.log`` (Optuna's journal file storage,
+  safe on NFS where sqlite's locking is not); default ``sqlite:///DIR/optuna.db``.
+- ``--mlflow-uri URI``: a database URI (``sqlite:///…``, ``postgresql://…``) or a tracking server
+  (``http://…``); default ``sqlite:///DIR/mlflow.db`` with artifacts in ``DIR/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+JOURNAL_SCHEME = "journal://"
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+# Filesystems every node of a cluster can mount; anything else under a plain path is one machine's disk.
+# $OODLAB_SHARED_FS_TYPES (comma-separated) adds types, for a shared filesystem missing here.
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "glusterfs", "ceph", "beegfs", "9p",
+              "efs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.mountpoint-s3", "fuse.glusterfs",
+              "fuse.ceph", "fuse.sshfs", "fuse.rclone", "fuse.goofys", "fuse.blobfuse", "fuse.blobfuse2"}
+
+
+class StoreError(ValueError):
+    """A storage URL that no store understands."""
+
+
+def default_optuna_url(results: Path) -> str:
+    return f"sqlite:///{results.resolve() / 'optuna.db'}"
+
+
+def default_mlflow_uri(results: Path) -> str:
+    return f"sqlite:///{results.resolve() / 'mlflow.db'}"
+
+
+def optuna_url(arg: str | None, results: Path) -> str:
+    """The Optuna storage a study uses: ``--optuna-storage`` (checked) or the default under ``results``."""
+    if not arg:
+        return default_optuna_url(results)
+    scheme = arg.split("://", 1)[0].split("+", 1)[0] if "://" in arg else ""
+    if arg.startswith(JOURNAL_SCHEME):
+        if not Path(journal_path(arg)).is_absolute():
+            raise StoreError(f"--optuna-storage {arg}: a journal file needs an absolute path (journal:///abs/file.log)")
+        return arg
+    if scheme not in RDB_SCHEMES:
+        raise StoreError(f"--optuna-storage {arg}: expected sqlite:///…, postgresql://…, mysql://… "
+                         "or journal:///abs/path/file.log")
+    return arg
+
+
+def journal_path(url: str) -> str:
+    return url.removeprefix(JOURNAL_SCHEME)
+
+
+def optuna_storage(url: str) -> Any:
+    """An Optuna storage object for a URL from ``optuna_url`` (journal file or RDB)."""
+    import optuna
+
+    if url.startswith(JOURNAL_SCHEME):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(journal_path(url))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    # Long studies: a server may drop idle connections between trials; ping before use.
+    return {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+
+
+def is_local_file_store(uri: str) -> bool:
+    """True for stores that are files under ``--storage`` (sqlite): what a study may create itself."""
+    return uri.startswith("sqlite:") or uri.startswith(JOURNAL_SCHEME)
+
+
+def fs_type(path: str) -> str:
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts), or 'unknown'."""
+    if "://" in path and not path.startswith("file://"):
+        return path.split("://", 1)[0]
+    p = Path(path.removeprefix("file://")).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (str(p) == point or str(p).startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def is_shared(path: str) -> bool:
+    """Whether every node of a cluster can reach ``path``: a cloud URI (s3://, gs://, …) or a network mount."""
+    if "://" in path and not path.startswith("file://"):
+        return True
+    extra = {t.strip() for t in os.environ.get("OODLAB_SHARED_FS_TYPES", "").split(",") if t.strip()}
+    return fs_type(path) in NETWORK_FS | extra
