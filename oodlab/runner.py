@@ -141,8 +141,8 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
         except ConnectionError as e:
             raise StudyError(str(e)) from None
 
-    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False,
-                              log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING)
+    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=args.verbose,
+                              logging_level=logging.INFO if args.verbose else logging.WARNING)
     log.debug("Ray: %s (%s)", "joined " + target.address if target.joins else "local", target.reason)
     try:
         hosts = ray_connect.node_hosts()
