@@ -23,7 +23,7 @@ from typing import Any
 from oodlab import console, ray_connect, stores, tags, tracking, tune_internals
 from oodlab.experiment import build_config, metric_name
 from oodlab.space import Space, grid_values
-from oodlab.study import VAL_PREFIX, Plan, StudyError, StudyInterrupted, first_point
+from oodlab.study import Plan, StudyError, StudyInterrupted, first_point
 
 log = logging.getLogger("oodlab")
 
@@ -141,8 +141,8 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
         except ConnectionError as e:
             raise StudyError(str(e)) from None
 
-    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=args.verbose,
-                              logging_level=logging.INFO if args.verbose else logging.WARNING)
+    quiet = {"log_to_driver": args.verbose, "logging_level": logging.INFO if args.verbose else logging.WARNING}
+    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     log.debug("Ray: %s (%s)", "joined " + target.address if target.joins else "local", target.reason)
     try:
         hosts = ray_connect.node_hosts()
@@ -266,7 +266,7 @@ def auroc_columns(plan: Plan) -> list[tuple[str, str]]:
     val = getattr(cfg, "val_ood", ())
     for score in cfg.score_names():
         if val:
-            cols.append((f"val {score}", VAL_PREFIX + metric_name("auroc", val[0], score)))
+            cols.append((f"val {score}", metric_name("auroc", val[0], score, "val")))
         cols.append((f"test {score}", metric_name("auroc", cfg.ood[0], score)))
     return cols
 

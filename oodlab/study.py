@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from oodlab import data
-from oodlab.experiment import ConfigError, build_config, metric_name
+from oodlab.experiment import VAL, ConfigError, build_config, is_val_metric, metric_name
 from oodlab.space import (
     Categorical,
     Space,
@@ -48,7 +48,7 @@ from oodlab.space import (
 
 SAMPLERS = ("grid", "tpe", "random", "cmaes")
 SCHEDULERS = ("fifo", "asha")
-VAL_PREFIX = "val_"
+VAL_PREFIX = VAL
 log = logging.getLogger("oodlab")
 
 
@@ -180,8 +180,7 @@ def default_name(study_file: str, args: argparse.Namespace) -> str:
 
 def val_metric(fixed: dict[str, Any], metric: str, score: str) -> str:
     """The validation metric ``val_{metric}_{first val set}_{score}`` of a config."""
-    cfg = build_config(fixed)
-    return VAL_PREFIX + metric_name(metric, cfg.val_ood[0], score)  # type: ignore[attr-defined]
+    return metric_name(metric, build_config(fixed).val_ood[0], score, "val")
 
 
 def infer_mode(metric: str) -> str:
@@ -247,7 +246,10 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
     space = {k: typed(d, types[k], k) for k, d in space.items()}
     if sampler == "grid":
         space = {k: Categorical(tuple(v)) for k, v in grid_values(space).items()}  # FloatRange: SpaceError
+    # default trial count: the paper grid's size (× seeds), so every sampler gets the grid's budget
     paper_grid = space if sampler == "grid" or spec.grid is None else as_space(spec.grid)
+    if "seed" in space and paper_grid is not space:
+        paper_grid = {**paper_grid, "seed": space["seed"]}
     n_grid = grid_size(paper_grid)
     if args.num_samples is not None and args.num_samples < 1:
         raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -263,11 +265,13 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
         modes = (spec.mode,) * len(targets) if isinstance(spec.mode, str) else tuple(spec.mode)
     if len(modes) != len(targets) or any(m not in ("min", "max") for m in modes):
         raise StudyError(f"--mode: give max or min for each of the {len(targets)} target(s), got {modes}")
-    test_targets = [t for t in targets if not t.startswith(VAL_PREFIX)]
+    test_targets = [t for t in targets if not is_val_metric(t)]
     if test_targets and not args.allow_test_target:
         raise StudyError(f"target {', '.join(test_targets)} is a test-set metric: selecting hyperparameters on the "
                          "test set leaks it into the result; use a val_ metric or pass --allow-test-target")
 
+    if sampler == "cmaes" and len(targets) > 1:
+        raise StudyError("--sampler cmaes is single-objective; use tpe (or random) for several targets")
     scheduler = args.scheduler
     grace = args.grace_period
     if scheduler == "asha":
@@ -322,13 +326,16 @@ def validate(plan: Plan, args: argparse.Namespace) -> None:
     if unknown:
         raise StudyError(f"target metric {', '.join(unknown)} is not reported; reported: {', '.join(known)}")
     shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
-    try:  # load every set once: a missing file or a model that does not fit the data fails here
+    sizes: dict[tuple[str, str, bool], int] = {}
+    try:  # load every set once: a missing file, a model that does not fit the data, a too large val_n fail here
         for cfg in configs:
             for req in cfg.data_requests():
                 if (*req, cfg.pad) not in shapes:
-                    shapes[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).shape
+                    s = data.load(*req, pad_to=32 if cfg.pad else None)
+                    shapes[(*req, cfg.pad)], sizes[(*req, cfg.pad)] = s.shape, len(s)
             by_request: dict[Any, tuple[int, int, int]] = {req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()}
             cfg.check_data(by_request)
+            cfg.check_sizes({req: sizes[(*req, cfg.pad)] for req in cfg.data_requests()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 

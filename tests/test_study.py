@@ -5,6 +5,7 @@ systems (Tune's trial folders, Optuna's storage, MLflow's runs), not ``can_resto
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -100,7 +101,6 @@ def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp):
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--space", "bogus=1..2"], "unknown config key 'bogus'"),
     (["--space", "shift=2..10"], "the grid sampler needs a list"),
     (["--space", "shift=10..2", "--sampler", "tpe"], "lo must be below hi"),
     (["--space", "epochs=1.5..3", "--sampler", "tpe"], "float range needs a float field"),
@@ -111,6 +111,43 @@ def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp):
     (["--target", "val_nope", "--sampler", "tpe"], "is not reported"),
     (["--target", "auroc_mnist_bpd,val_id_bpd", "--mode", "max"], "--mode"),
     (["--sampler", "cmaes", "--target", "val_id_bpd,val_id_kl"], "single-objective"),
+])
+def test_bad_search_flags_are_refused(flags, match):
+    """Flag checks of the shared search flags, in process (the exit-2 path is tested below)."""
+    import runpy
+
+    from oodlab.study import StudyError, parse_args, resolve, validate
+
+    study = runpy.run_path(str(STUDY))
+    args = parse_args(str(STUDY), study["configure"], ["--smoke", *flags])
+    with pytest.raises(StudyError, match=re.escape(match)):
+        validate(resolve(study["build"](args), args), args)
+
+
+def test_search_flags_make_the_plan():
+    import runpy
+
+    from oodlab.space import Categorical, FloatRange
+    from oodlab.study import parse_args, resolve
+
+    study = runpy.run_path(str(STUDY))
+    args = parse_args(str(STUDY), study["configure"], ["--smoke", "--sampler", "tpe", "--space", "shift=2..10",
+                                                       "--set", "lr=3e-4", "--seeds", "2", "--scheduler", "asha"])
+    plan = resolve(study["build"](args), args)
+    assert plan.space == {"shift": FloatRange(2.0, 10.0), "neg_weight": FloatRange(0.1, 10.0, log=True),
+                          "seed": Categorical((0, 1))}
+    assert plan.fixed["lr"] == 3e-4 and "lr" not in plan.space and plan.num_samples == 2 * 2  # the smoke grid's size
+    assert plan.targets == ("val_auroc_blobs_bpd",) and plan.modes == ("max",) and plan.grace_period == 1
+    grid = resolve(study["build"](args), parse_args(str(STUDY), study["configure"], ["--smoke", "--seeds", "2"]))
+    assert grid.space == {"shift": Categorical((2.0, 8.0)), "seed": Categorical((0, 1))} and grid.num_samples == 4
+    multi = parse_args(str(STUDY), study["configure"],
+                       ["--sampler", "tpe", "--target", "val_auroc_blobs_bpd,val_id_bpd"])
+    plan = resolve(study["build"](multi), multi)
+    assert plan.multi and plan.modes == ("max", "min")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--space", "bogus=1..2"], "unknown config key 'bogus'"),
     (["--ood", "bogus"], "unknown dataset"),
     (["--ood", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
     (["--id", "mnist"], "looked for"),  # offline MNIST has no train split

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, metric_table, set_key
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, evaluation_table, set_key
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
@@ -238,7 +238,7 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
                l2: float = 0.0) -> tuple[RoseVAE, list[float]]:
     """Load the VAE trained with this config from ``cfg.vae_cache``, or train and store it (train once, score many)."""
     vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim)
-    key = dict(id=cfg.id, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    key = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
     path = _cache_file(cfg.vae_cache, key)
     torch.manual_seed(cfg.seed + (0 if perturb is None else 1))
@@ -263,6 +263,7 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
 class Config(TrialConfig):
     method: str = "rose"
     ood: tuple[str, ...] = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant", "overall")
+    val_ood: tuple[str, ...] = ("blobs",)  # every other offline set is a test set (or part of "overall")
     pad: bool = True  # paper 004 uses 32×32 inputs
     epochs: int = 100  # VAE training epochs (paper: 100)
     batch_size: int = 64  # paper: 64
@@ -351,7 +352,7 @@ class Experiment(BaseExperiment):
 
     def score(self) -> Scores:
         cfg, model = self.cfg, self.model
-        out: Scores = {name: {} for name in self.test}
+        out: Scores = {name: {} for name in self.eval_sets}
         kinds = sorted({s.removeprefix("rose_") for s in cfg.scores if s.startswith("rose_")}
                        | ({cfg.preconditioner} if "rose" in cfg.scores else set()))
         if kinds:
@@ -361,7 +362,7 @@ class Experiment(BaseExperiment):
             fits = fit_rose(model, fx, self._eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping)
             self.timings["rose_fit_s"] = time.perf_counter() - t0
             t0, n = time.perf_counter(), 0
-            for name, s in self.test.items():
+            for name, s in self.eval_sets.items():
                 r = rose_scores(model, s.x, self._eps(len(s), 2), fits, cfg.grad_batch)
                 n += len(s)
                 for k, v in r.items():
@@ -377,7 +378,7 @@ class Experiment(BaseExperiment):
         rnd = None
         if "rnd" in cfg.scores:
             rnd = lb.train_rnd(self.train_x, cfg.rnd_perturbation, cfg.rnd_epochs, cfg.batch_size, cfg.seed)
-        for name, s in self.test.items():
+        for name, s in self.eval_sets.items():
             x = s.x
             if need_nll:
                 eps = self._eps(len(x), 3, cfg.iwae_k)
@@ -401,7 +402,7 @@ class Experiment(BaseExperiment):
     def evaluate(self) -> tuple[dict[str, float], Scores]:
         """The metric table, plus AUROC mean/std over brightness-modified sets and timings."""
         scores = self.score()
-        table = metric_table(scores, self.cfg.ood)
+        table = evaluation_table(scores, self.cfg)
         bsets = self.cfg.brightness_sets()
         for s in self.cfg.scores if bsets else ():
             vals = np.array([table[f"auroc_{set_key(o)}_{s}"] for o in bsets])
