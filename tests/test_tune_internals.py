@@ -45,3 +45,24 @@ def test_reconcile_marks_orphans_failed_and_frees_grid_points(tmp_path):
     states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
     assert states == {kept.number: optuna.trial.TrialState.RUNNING, orphan.number: optuna.trial.TrialState.FAIL}
     assert tune_internals.reconcile_optuna(url, "missing") == 0
+
+
+def test_searcher_never_tells_optuna_twice(tmp_path):
+    """The SIGKILL window: Optuna recorded a trial as COMPLETE, Tune's saved searcher state
+    predates it; on resume the trial completes again and must not be told twice."""
+    from oodlab.space import DefineByRun, as_space
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    make = lambda: tune_internals.searcher_class()(space=DefineByRun.of(as_space({"x": [1, 2]})), metric="m",
+                                                   mode="max", study_name="s", storage=optuna.storages.RDBStorage(url))
+    first = make()
+    assert first.suggest("t1")["x"] in (1, 2)
+    first.save(str(tmp_path / "searcher.pkl"))  # the state Tune saved before the kill
+    first.on_trial_result("t1", {"m": 0.5, "epoch": 1})
+    first.on_trial_complete("t1", {"m": 0.7})
+    resumed = make()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("t1", {"m": 0.7, "epoch": 2})  # would raise UpdateFinishedTrialError
+    resumed.on_trial_complete("t1", {"m": 0.7})
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]
