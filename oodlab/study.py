@@ -374,6 +374,8 @@ def configure_logging(verbose: bool) -> None:
 
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables…"
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "created / using existing study" pair
+        # GridSampler stops the study when the grid is done; OptunaSearch logs that as a warning
+        logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
 
 
 def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
