@@ -110,12 +110,15 @@ def validate(spec: StudySpec, args: argparse.Namespace) -> None:
     if spec.metric not in known:
         raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {', '.join(known)}")
     shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
-    try:  # load every set once: a missing file or a model that does not fit the data fails here
+    sizes: dict[tuple[str, str, bool], int] = {}
+    try:  # load every set once: a missing file, a model that does not fit the data, a too large val_n fail here
         for cfg in configs:
             for req in cfg.data_requests():
                 if (*req, cfg.pad) not in shapes:
-                    shapes[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).shape
+                    s = data.load(*req, pad_to=32 if cfg.pad else None)
+                    shapes[(*req, cfg.pad)], sizes[(*req, cfg.pad)] = s.shape, len(s)
             cfg.check_data({req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()})
+            cfg.check_sizes({req: sizes[(*req, cfg.pad)] for req in cfg.data_requests()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 
