@@ -46,6 +46,7 @@ class Context:
     asha_file: Path
     exp_id: str = ""
     parent: str = ""
+    ot_storage: Any = None  # Optuna storage object (RDB or journal file)
     started: float = 0.0
 
 
@@ -133,13 +134,23 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
     _check_writable(results)
     if args.resume:
         _check_resumable(exp_dir)
-    ctx = Context(plan, args, results, ray_root, exp_dir, f"sqlite:///{results / 'optuna.db'}",
-                  args.mlflow_uri or tracking.tracking_uri(results), results / "asha" / f"{plan.name}.json")
-    if not ctx.mlflow_uri.startswith("sqlite:"):
-        try:
-            tracking.check_reachable(ctx.mlflow_uri)
-        except ConnectionError as e:
-            raise StudyError(str(e)) from None
+    try:
+        optuna_url = stores.optuna_url(getattr(args, "optuna_storage", None), results)
+        stores.check_reachable(optuna_url)
+        if not stores.is_local_file_store(optuna_url) and not args.resume:
+            with stores.creation_lock(optuna_url):
+                if stores.study_exists(stores.optuna_storage(optuna_url), plan.name):
+                    raise StudyError(f"study {plan.name!r} already exists in --optuna-storage "
+                                     f"{stores.redact(optuna_url)}; pass --resume or choose another --name")
+        mlflow_uri = args.mlflow_uri or tracking.tracking_uri(results)
+        if not mlflow_uri.startswith("sqlite:"):
+            stores.check_reachable(mlflow_uri)  # at once: MLflow itself retries a dead database for minutes
+            with stores.creation_lock(mlflow_uri):  # a fresh database is migrated here, once
+                tracking.check_reachable(mlflow_uri)
+    except (stores.StoreError, ConnectionError) as e:
+        raise StudyError(str(e)) from None
+    ctx = Context(plan, args, results, ray_root, exp_dir, optuna_url, mlflow_uri,
+                  results / "asha" / f"{plan.name}.json")
 
     quiet = {"log_to_driver": args.verbose, "logging_level": logging.INFO if args.verbose else logging.WARNING}
     target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
@@ -162,7 +173,10 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
         plan.before_run(plan.fixed)
     params = {"metric": ",".join(plan.targets), "mode": ",".join(plan.modes), "sampler": plan.sampler,
               "scheduler": plan.scheduler, **plan.fixed}
-    ctx.exp_id, ctx.parent = tracking.setup_study(ctx.mlflow_uri, results / "mlartifacts", plan.name, params)
+    with stores.creation_lock(ctx.optuna_url):
+        ctx.ot_storage = stores.optuna_storage(ctx.optuna_url)
+    with stores.creation_lock(ctx.mlflow_uri):  # two studies creating one sqlite mlflow.db race in alembic
+        ctx.exp_id, ctx.parent = tracking.setup_study(ctx.mlflow_uri, results / "mlartifacts", plan.name, params)
     tracking.tag_study(ctx.mlflow_uri, ctx.exp_id, ctx.parent, {
         tags.TARGET: ",".join(plan.targets), tags.SAMPLER: plan.sampler, tags.SCHEDULER: plan.scheduler,
         tags.ALLOW_TEST_TARGET: str(plan.allow_test_target).lower()})
@@ -208,20 +222,20 @@ def tune(ctx: Context) -> Any:
     if args.resume:
         log.info("resuming %s from %s", plan.name, ctx.exp_dir)
         keep = tune_internals.known_optuna_trials(Path(ctx.exp_dir)) if not _is_remote(ctx.exp_dir) else None
-        orphans = tune_internals.reconcile_optuna(ctx.optuna_url, plan.name, keep=keep or set())
+        orphans = tune_internals.reconcile_optuna(ctx.ot_storage, plan.name, keep=keep or set())
         if orphans:
             log.info("marked %d orphaned Optuna trial(s) FAIL", orphans)
         tuner = rtune.Tuner.restore(ctx.exp_dir, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     directions: list[Any] = ["maximize" if m == "max" else "minimize" for m in plan.modes]
-    ot_study = optuna.create_study(study_name=plan.name, storage=ctx.optuna_url, load_if_exists=True,
+    ot_study = optuna.create_study(study_name=plan.name, storage=ctx.ot_storage, load_if_exists=True,
                                    directions=directions)
     ot_study.set_user_attr(tags.OPTUNA_NUM_SAMPLES, plan.num_samples)  # read back on resume: done vs interrupted
     max_epoch = plan.epochs
     searcher = tune_internals.searcher_class()(
         space=DefineByRun.of(plan.space), metric=list(plan.targets) if plan.multi else plan.metric,
         mode=list(plan.modes) if plan.multi else plan.mode, sampler=make_sampler(plan.sampler, plan.space, plan.multi),
-        study_name=plan.name, storage=optuna.storages.RDBStorage(ctx.optuna_url), max_epoch=max_epoch)
+        study_name=plan.name, storage=ctx.ot_storage, max_epoch=max_epoch)
     scheduler = None
     if plan.scheduler == "asha":
         ctx.asha_file.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +327,7 @@ def best_row(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any] | None:
 def pareto_text(ctx: Context) -> str:
     import optuna
 
-    study = optuna.load_study(study_name=ctx.plan.name, storage=ctx.optuna_url)
+    study = optuna.load_study(study_name=ctx.plan.name, storage=ctx.ot_storage)
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     rows = [{"optuna trial": t.number, **t.params, **dict(zip(ctx.plan.targets, t.values))} for t in front]
     goals = ", ".join(f"{t} {m}" for t, m in zip(ctx.plan.targets, ctx.plan.modes))
@@ -334,12 +348,12 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
               f"'test' = ID test vs {cfg.ood[0]} (reported)") if cols else ""
     table = console.format_table(rows, header=header)
     log.info("trials:\n%s", table)
-    ot_study = optuna.load_study(study_name=plan.name, storage=ctx.optuna_url)
+    ot_study = optuna.load_study(study_name=plan.name, storage=ctx.ot_storage)
     n = ot_study.user_attrs.get(tags.OPTUNA_NUM_SAMPLES, len(grid))
     if len(grid) < n or grid.num_terminated + grid.num_errors < len(grid):
         tracking.finish_study(ctx.mlflow_uri, ctx.parent, {}, {"trials.md": table}, status="KILLED")
         raise StudyInterrupted(f"study {plan.name} interrupted; its state is saved: rerun with --resume")
-    stale = tune_internals.reconcile_optuna(ctx.optuna_url, plan.name)
+    stale = tune_internals.reconcile_optuna(ctx.ot_storage, plan.name)
     if stale:
         log.info("marked %d orphaned Optuna trial(s) FAIL", stale)
     files = {"trials.md": table}
@@ -368,5 +382,5 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
         summary["wall_s"] = time.time() - ctx.started
         tracking.finish_study(ctx.mlflow_uri, ctx.parent, summary, files, figures=figures)
     log.info("results in %s", ctx.results)
-    log.info("browse: %s", tracking.browse_hint(ctx.results, ctx.mlflow_uri, ctx.exp_id))
+    log.info("browse: %s", tracking.browse_hint(ctx.results, stores.redact(ctx.mlflow_uri), ctx.exp_id))
     return rows

@@ -154,6 +154,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
                    help="retries of a trial whose worker died, from its last checkpoint (default 1)")
     g.add_argument("--checkpoint-storage", help="where Ray keeps experiment state and checkpoints: a shared "
                    "path (NFS) or s3://bucket/prefix so any node can resume any trial (default <storage>/ray)")
+    g.add_argument("--optuna-storage", default=os.environ.get("OODLAB_OPTUNA_STORAGE") or None,
+                   help="Optuna storage URL: sqlite:///…, postgresql://…, mysql://… or journal:///abs/file.log "
+                   "(NFS) (default $OODLAB_OPTUNA_STORAGE, else sqlite:///<storage>/optuna.db)")
     g.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     g.add_argument("--epochs", "--max-epochs", dest="epochs", type=int,

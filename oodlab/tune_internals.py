@@ -132,7 +132,7 @@ def known_optuna_trials(exp_dir: Path) -> set[int] | None:
     return {t.number for t in saved.get("_ot_trials", {}).values()}
 
 
-def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None) -> int:
+def reconcile_optuna(storage: Any, study: str, keep: set[int] | None = None) -> int:
     """Mark RUNNING Optuna trials that Tune will never finish as FAIL; returns how many.
 
     A driver killed between Optuna's ``ask`` and Tune's state save leaves such orphans;
@@ -141,7 +141,7 @@ def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None)
     import optuna
 
     try:
-        s = optuna.load_study(study_name=study, storage=storage_url)
+        s = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
         return 0
     stale = [t for t in s.get_trials(deepcopy=False)
