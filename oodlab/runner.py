@@ -154,7 +154,7 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
 
     quiet = {"log_to_driver": args.verbose, "logging_level": logging.INFO if args.verbose else logging.WARNING}
     target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-    log.debug("Ray: %s (%s)", "joined " + target.address if target.joins else "local", target.reason)
+    log.info("Ray: %s (%s)", "joined " + target.address if target.joins else "local", target.reason)
     try:
         hosts = ray_connect.node_hosts()
         if len(hosts) > 1 and not stores.is_shared(ray_root):

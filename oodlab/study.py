@@ -377,6 +377,7 @@ def configure_logging(verbose: bool) -> None:
 
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables…"
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "created / using existing study" pair
+        logging.getLogger("oodlab.ray_connect").setLevel(logging.WARNING)  # the runner prints one "Ray:" line
         # GridSampler stops the study when the grid is done; OptunaSearch logs that as a warning
         logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
 
