@@ -8,6 +8,9 @@ Everything a study writes lives under ``--storage`` (default ``./oodlab-results`
     optuna.db      Optuna storage (study name = study file's stem)
     ray/<study>/   Ray Tune experiment state and trial checkpoints
 
+unless ``--mlflow-uri``, ``--optuna-storage`` or ``--checkpoint-storage`` point elsewhere
+(databases, S3, NFS: ``oodlab.stores``). Ray: ``oodlab.ray_connect`` decides where to connect.
+
 Resume (``--resume``) restores the Tune experiment: finished trials are kept, interrupted
 ones continue from their last epoch checkpoint, Optuna and MLflow are not duplicated.
 """
