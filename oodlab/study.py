@@ -12,6 +12,9 @@ the resulting ``Plan``. Everything a study writes lives under ``--storage``:
     ray/<study>/   Ray Tune experiment state and trial checkpoints
     asha/<study>.json  ASHA's rungs (with --scheduler asha), so a resume does not reset them
 
+unless ``--mlflow-uri``, ``--optuna-storage`` or ``--checkpoint-storage`` point elsewhere
+(databases, S3, NFS: ``oodlab.stores``). Ray: ``oodlab.ray_connect`` decides where to connect.
+
 Model selection uses validation metrics (``val_…``: held-out ID training images against
 validation OOD sets); test metrics are reported for every trial but are a target only with
 ``--allow-test-target``, which the parent run records.
