@@ -67,6 +67,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
                    help="retries of a trial whose worker died, from its last checkpoint (default 1)")
     g.add_argument("--checkpoint-storage", help="where Ray keeps experiment state and checkpoints: a shared "
                    "path (NFS) or s3://bucket/prefix so any node can resume any trial (default <storage>/ray)")
+    g.add_argument("--optuna-storage", default=os.environ.get("OODLAB_OPTUNA_STORAGE") or None,
+                   help="Optuna storage URL: sqlite:///…, postgresql://…, mysql://… or journal:///abs/file.log "
+                   "(NFS) (default $OODLAB_OPTUNA_STORAGE, else sqlite:///<storage>/optuna.db)")
     g.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     g.add_argument("--epochs", type=int, help="training epochs per trial")
@@ -107,12 +110,15 @@ def validate(spec: StudySpec, args: argparse.Namespace) -> None:
     if spec.metric not in known:
         raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {', '.join(known)}")
     shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
-    try:  # load every set once: a missing file or a model that does not fit the data fails here
+    sizes: dict[tuple[str, str, bool], int] = {}
+    try:  # load every set once: a missing file, a model that does not fit the data, a too large val_n fail here
         for cfg in configs:
             for req in cfg.data_requests():
                 if (*req, cfg.pad) not in shapes:
-                    shapes[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).shape
+                    s = data.load(*req, pad_to=32 if cfg.pad else None)
+                    shapes[(*req, cfg.pad)], sizes[(*req, cfg.pad)] = s.shape, len(s)
             cfg.check_data({req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()})
+            cfg.check_sizes({req: sizes[(*req, cfg.pad)] for req in cfg.data_requests()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 
@@ -150,7 +156,7 @@ def known_optuna_trials(exp_dir: Path) -> set[int] | None:
     return {t.number for t in saved.get("_ot_trials", {}).values()}
 
 
-def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None) -> int:
+def reconcile_optuna(storage: Any, study: str, keep: set[int] | None = None) -> int:
     """Mark RUNNING Optuna trials that Tune will never finish as FAIL; returns how many.
 
     A driver killed between Optuna's ``ask`` and Tune's state save leaves such orphans;
@@ -159,7 +165,7 @@ def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None)
     import optuna
 
     try:
-        s = optuna.load_study(study_name=study, storage=storage_url)
+        s = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
         return 0
     stale = [t for t in s.get_trials(deepcopy=False)
@@ -284,13 +290,21 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
     _check_writable(results)
     if args.resume:
         _check_resumable(exp_dir)
-    optuna_url = f"sqlite:///{results / 'optuna.db'}"
     mlflow_uri = args.mlflow_uri or tracking.tracking_uri(results)
-    if not mlflow_uri.startswith("sqlite:"):
-        try:
-            tracking.check_reachable(mlflow_uri)
-        except ConnectionError as e:
-            raise StudyError(str(e)) from None
+    try:
+        optuna_url = stores.optuna_url(args.optuna_storage, results)
+        stores.check_reachable(optuna_url)
+        if not stores.is_local_file_store(optuna_url) and not args.resume:
+            with stores.creation_lock(optuna_url):
+                if stores.study_exists(stores.optuna_storage(optuna_url), spec.name):
+                    raise StudyError(f"study {spec.name!r} already exists in --optuna-storage "
+                                     f"{stores.redact(optuna_url)}; pass --resume or choose another --name")
+        if not mlflow_uri.startswith("sqlite:"):
+            stores.check_reachable(mlflow_uri)  # at once: MLflow itself retries a dead database for minutes
+            with stores.creation_lock(mlflow_uri):  # a fresh database is migrated here, once
+                tracking.check_reachable(mlflow_uri)
+    except (stores.StoreError, ConnectionError) as e:
+        raise StudyError(str(e)) from None
 
     target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     print(f"[oodlab] Ray: {'joined ' + target.address if target.joins else 'local'} ({target.reason})", flush=True)
@@ -308,25 +322,28 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         fixed = dict(spec.fixed)
         if args.gpus_per_trial == 0:
             fixed["device"] = "cpu"
-        exp_id, parent = tracking.setup_study(mlflow_uri, results / "mlartifacts", spec.name,
-                                              {"metric": spec.metric, **fixed})
+        with stores.creation_lock(optuna_url):
+            ot_storage = stores.optuna_storage(optuna_url)
+        with stores.creation_lock(mlflow_uri):  # two studies creating one sqlite mlflow.db race in alembic
+            exp_id, parent = tracking.setup_study(mlflow_uri, results / "mlartifacts", spec.name,
+                                                  {"metric": spec.metric, **fixed})
         callback = tracking.MLflowCallback(mlflow_uri, exp_id, parent, spec.name, name_keys=tuple(spec.space))
         trainable = tune.with_resources(train, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         if args.resume:
             print(f"[oodlab] resuming {spec.name} from {exp_dir}", flush=True)
             keep = known_optuna_trials(Path(exp_dir)) if not _is_remote(exp_dir) else None
-            orphans = reconcile_optuna(optuna_url, spec.name, keep=keep or set())
+            orphans = reconcile_optuna(ot_storage, spec.name, keep=keep or set())
             if orphans:
                 print(f"[oodlab] marked {orphans} orphaned Optuna trial(s) FAIL", flush=True)
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
             n = args.num_samples or spec.num_samples or spec.grid_size
-            ot_study = optuna.create_study(study_name=spec.name, storage=optuna_url, load_if_exists=True,
+            ot_study = optuna.create_study(study_name=spec.name, storage=ot_storage, load_if_exists=True,
                                            direction="maximize" if spec.mode == "max" else "minimize")
             ot_study.set_user_attr("num_samples", n)  # read back on resume to tell "done" from "interrupted"
             searcher = _searcher_class()(space=CategoricalSpace(spec.space), metric=spec.metric, mode=spec.mode,
                                          sampler=_sampler(args.sampler, spec.space), study_name=spec.name,
-                                         storage=optuna.storages.RDBStorage(optuna_url))
+                                         storage=ot_storage)
             print(f"[oodlab] study {spec.name}: {n} trials, space {spec.space}, target {spec.metric} ({spec.mode})",
                   flush=True)
             tuner = tune.Tuner(
@@ -346,11 +363,11 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
         rows = summarize(grid, spec)
         table = format_table(rows, spec)
         print(table, flush=True)
-        n = optuna.load_study(study_name=spec.name, storage=optuna_url).user_attrs.get("num_samples", len(grid))
+        n = optuna.load_study(study_name=spec.name, storage=ot_storage).user_attrs.get("num_samples", len(grid))
         if len(grid) < n or grid.num_terminated + grid.num_errors < len(grid):
             tracking.finish_study(mlflow_uri, parent, {}, {"trials.md": table}, status="KILLED")
             raise StudyInterrupted(f"study {spec.name} interrupted; its state is saved: rerun with --resume")
-        stale = reconcile_optuna(optuna_url, spec.name)
+        stale = reconcile_optuna(ot_storage, spec.name)
         if stale:
             print(f"[oodlab] marked {stale} orphaned Optuna trial(s) FAIL", flush=True)
         finished = [r for r in rows if isinstance(r.get(spec.metric), float) and math.isfinite(r[spec.metric])]
@@ -362,7 +379,7 @@ def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
                               {"trials_finished": len(finished), "trials_failed": len(rows) - len(finished),
                                "wall_s": time.time() - t0, **({f"best_{spec.metric}": best[spec.metric]} if best else {})},
                               {"trials.md": table})
-        print(f"[oodlab] results in {results}\n[oodlab] browse: mlflow ui --backend-store-uri {mlflow_uri}",
+        print(f"[oodlab] results in {results}\n[oodlab] browse: mlflow ui --backend-store-uri {stores.redact(mlflow_uri)}",
               flush=True)
         return rows
     finally:

@@ -59,7 +59,7 @@ def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -
     client = _client(uri)
     exp = client.get_experiment_by_name(study)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        study, artifact_location=artifacts.resolve().as_uri() if uri.startswith("sqlite:") else None)
+        study, artifact_location=None if uri.startswith(("http:", "https:")) else artifacts.resolve().as_uri())
     runs = client.search_runs([exp_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
     if runs:
         run_id = runs[0].info.run_id

@@ -166,6 +166,8 @@ def latent_axis_figure(axis0: dict[str, np.ndarray], path: Path) -> None:
 @dataclass(frozen=True)
 class Config(TrialConfig):
     id: str = "fashion_mnist[labels=1,7]"  # paper §5.3: Trouser and Sneaker
+    val_n: int = 1000  # of the 12,000 training images of classes 1 and 7
+    val_ood: tuple[str, ...] = ("blobs", "fashion_mnist[labels=0,2-6,8,9]")  # blobs; the ID set's other classes
     lr: float = 1e-3  # paper: Adam(β1=0.5, β2=0.9), constant 1e-3
     # --- model ---
     model: str = "vae"  # "vae" (Table 2/3 with 256-way categorical decoder) | "glow" (Appendix B)
@@ -287,7 +289,7 @@ class Experiment(BaseExperiment):
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         out, comps, axis0 = {}, {}, {}
-        for name, s in self.test.items():
+        for name, s in self.eval_sets.items():
             nll, mus = [], []
             for i in range(0, len(s), self.cfg.eval_batch_size):
                 if self.cfg.model == "glow":  # exact likelihood; "posterior mean" = z itself

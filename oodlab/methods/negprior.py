@@ -194,6 +194,11 @@ class Config(TrialConfig):
     def score_names(self) -> tuple[str, ...]:
         return ("bpd", "kl", "iwae") if self.iwae_k > 0 else ("bpd", "kl")
 
+    def training_sets(self) -> list[str]:
+        """The aux set, or the noise distribution the negatives are drawn from ("random" is uniform noise)."""
+        return {"aux": [self.aux], "gaussian_noise": ["gaussian_noise"], "uniform_noise": ["uniform_noise"],
+                "random": ["uniform_noise"]}.get(self.negatives, [])
+
     def check_data(self, shapes: dict) -> None:
         super().check_data(shapes)
         c, h, _ = shapes[(self.id, "train")]
@@ -294,7 +299,7 @@ class Experiment(BaseExperiment):
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         return score_sets(
-            self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
+            self.eval_sets, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
         )
 
     @torch.no_grad()

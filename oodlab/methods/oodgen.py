@@ -213,6 +213,8 @@ def type2(model: CVAE, g: LatentGaussians, y: torch.Tensor, radius_factor: float
 class Config(TrialConfig):
     id: str = "fashion_mnist[labels=0-4]"  # ID classes (labels are remapped to 0..n-1)
     ood: tuple[str, ...] = FMNIST_OOD
+    val_n: int = 2500  # of the 30,000 training images of classes 0-4
+    val_ood: tuple[str, ...] = ("blobs", "constant")  # FMNIST_OOD holds every other offline set
     epochs: int = 10  # classifier epochs (the CVAE trains first, `cvae_epochs` passes, inside epoch 1)
     batch_size: int = 128
     lr: float = 0.1  # classifier learning rate (paper: Adadelta 0.1 for Fashion-MNIST, 0.01 for MNIST)
@@ -438,7 +440,7 @@ class Experiment(BaseExperiment):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # MC-dropout draws must not move training's RNG
             torch.manual_seed(cfg.seed + 1)
-            return score_sets(self.test, cfg.eval_batch_size, lambda x: self.score_batch(x, maha))
+            return score_sets(self.eval_sets, cfg.eval_batch_size, lambda x: self.score_batch(x, maha))
 
     def score_batch(self, x: torch.Tensor, maha: cb.MahalanobisDetector | None) -> dict[str, torch.Tensor]:
         """Every detector's score for one batch, (B,) each, higher = more OOD."""

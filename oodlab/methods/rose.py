@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, metric_table, set_key
+from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, evaluation_table, set_key
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
@@ -264,7 +264,8 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
         x_u8 = data.resize(x_u8, 32)
     vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim,
                          arch=cfg.arch)
-    key = dict(id=cfg.id, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    key = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs,
+               batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
     if cfg.arch != "plain" or cfg.resize:  # new fields enter the key only off their old values: old caches stay valid
         key.update(arch=cfg.arch, resize=cfg.resize)
@@ -293,6 +294,7 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
 class Config(TrialConfig):
     method: str = "rose"
     ood: tuple[str, ...] = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant", "overall")
+    val_ood: tuple[str, ...] = ("blobs",)  # every other offline set is a test set (or part of "overall")
     pad: bool = False  # zero-pad 28×28 to 32×32 (the earlier choice; needs resize=False)
     resize: bool = True  # resize 28×28 sets to 32×32, bilinear (the authors' transforms.Resize(32); paper App. B)
     epochs: int = 100  # VAE training epochs (paper: 100)
@@ -377,7 +379,8 @@ class Experiment(BaseExperiment):
         self.train_x = self.start(cfg).x
         if cfg.resize:
             self.train_x = data.resize(self.train_x, 32)
-            self.test = {k: replace(s, x=data.resize(s.x, 32)) for k, s in self.test.items()}
+            self.eval_sets = {k: replace(s, x=data.resize(s.x, 32)) for k, s in self.eval_sets.items()}
+            self.test = {k: self.eval_sets[k] for k in self.test}
         t0 = time.perf_counter()
         try:
             self.model, self.history = ensure_vae(cfg, self.train_x, self.device)
@@ -401,7 +404,7 @@ class Experiment(BaseExperiment):
 
     def score(self) -> Scores:
         cfg, model = self.cfg, self.model
-        out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.test}
+        out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.eval_sets}
         kinds = sorted({s.removeprefix("rose_") for s in cfg.scores if s.startswith("rose_")}
                        | ({cfg.preconditioner} if "rose" in cfg.scores else set()))
         if kinds:
@@ -413,7 +416,7 @@ class Experiment(BaseExperiment):
                             cfg.damping_relative)
             self.timings["rose_fit_s"] = time.perf_counter() - t0
             t0, n = time.perf_counter(), 0
-            for name, s in self.test.items():
+            for name, s in self.eval_sets.items():
                 r = rose_scores(model, s.x, self._rose_eps(len(s), 2), fits, cfg.grad_batch)
                 n += len(s)
                 for k, v in r.items():
@@ -429,7 +432,7 @@ class Experiment(BaseExperiment):
         rnd = None
         if "rnd" in cfg.scores:
             rnd = lb.train_rnd(self.train_x, cfg.rnd_perturbation, cfg.rnd_epochs, cfg.batch_size, cfg.seed)
-        for name, s in self.test.items():
+        for name, s in self.eval_sets.items():
             x = s.x
             if need_nll:
                 eps = self._eps(len(x), 3, cfg.iwae_k)
@@ -453,7 +456,7 @@ class Experiment(BaseExperiment):
     def evaluate(self) -> tuple[dict[str, float], Scores]:
         """The metric table, plus AUROC mean/std over brightness-modified sets and timings."""
         scores = self.score()
-        table = metric_table(scores, self.cfg.ood)
+        table = evaluation_table(scores, self.cfg)
         bsets = self.cfg.brightness_sets()
         for s in self.cfg.scores if bsets else ():
             vals = np.array([table[f"auroc_{set_key(o)}_{s}"] for o in bsets])
