@@ -24,6 +24,10 @@ from oodlab import stores
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
+class BadName(ValueError):
+    """A study or file name the command does not know; one line on stderr, exit 2."""
+
+
 def study_path(name: str) -> Path:
     p = Path(name)
     if p.suffix == ".py" and p.exists():
@@ -31,8 +35,16 @@ def study_path(name: str) -> Path:
     p = STUDIES / f"{name.removesuffix('.py')}.py"
     if not p.exists():
         known = sorted(f.stem for f in STUDIES.glob("*.py"))
-        raise SystemExit(f"error: unknown study {name!r}; known: {', '.join(known)}")
+        raise BadName(f"unknown study {name!r}; known: {', '.join(known)}")
     return p
+
+
+def known_studies(mlflow_uri: str) -> list[str]:
+    """Names of the studies (MLflow experiments) in a tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    return sorted(e.name for e in client.search_experiments() if e.name != "Default")
 
 
 def run_study(name: str, args: list[str]) -> int:
@@ -73,6 +85,11 @@ def optuna_summary(storage: Path, study: str, top: int = 5, optuna_url: str | No
     done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return "(no finished trials in Optuna)"
+    if len(s.directions) > 1:  # multi-objective: the Pareto front
+        lines = [f"### Pareto front ({', '.join(d.name.lower() for d in s.directions)}, {len(done)} finished)", "",
+                 "| trial | values | params |", "|---|---|---|"]
+        lines += [f"| {t.number} | {', '.join(f'{v:.4f}' for v in t.values)} | {t.params} |" for t in s.best_trials]
+        return "\n".join(lines)
     sign = -1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     lines = [f"### Best trials ({s.direction.name.lower()}, {len(done)} finished)", "",
              "| trial | value | params |", "|---|---|---|"]
@@ -94,6 +111,9 @@ def report_study(storage: Path, study: str, optuna_url: str | None = None, mlflo
     if not mlflow_uri and not (storage / "mlflow.db").exists():
         print(f"error: no results under {storage} (looked for {storage / 'mlflow.db'})", file=sys.stderr)
         return 2
+    known = known_studies(mlflow_uri or stores.default_mlflow_uri(storage))
+    if study not in known:
+        raise BadName(f"no study {study!r} under {mlflow_uri or storage}; known: {', '.join(known) or '(none)'}")
     print(report.report(storage, study, mlflow_uri=mlflow_uri))
     print()
     print(optuna_summary(storage, study, optuna_url=optuna_url))
@@ -117,7 +137,15 @@ def ui(storage: Path, port: int, host: str, mlflow_uri: str | None = None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point; a bad study name is one line on stderr and exit code 2."""
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except BadName as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("run", "resume"):  # pass every flag through to the study file
         if len(argv) < 2:
             raise SystemExit(f"usage: oodlab {argv[0]} STUDY [flags]")
