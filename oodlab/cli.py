@@ -170,6 +170,9 @@ def dispatch(argv: list[str]) -> int:
             q.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     a = p.parse_args(argv)
     try:
+        for url in (a.optuna_storage, a.mlflow_uri):
+            if url:  # one line and exit 2 for a bad or unreachable store, not a traceback
+                stores.check_reachable(stores.optuna_url(url, a.storage) if url is a.optuna_storage else url)
         if a.cmd == "list":
             return list_studies(a.storage, a.optuna_storage)
         if a.cmd == "report":

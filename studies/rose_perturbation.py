@@ -58,11 +58,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=100, help="latent size (paper 100 FMNIST, 200 CIFAR-10)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--scores", help="score every trial with these (comma list, no family search): rose_diag,rose_ekfac")
+    g.add_argument("--arch", choices=("dcgan_bn", "plain"), default="dcgan_bn",
+                   help="dcgan_bn: Likelihood Regret's VAE (BatchNorm, separate heads; the authors'); plain: earlier")
+    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 instead of resizing (earlier choice)")
+    g.add_argument("--rose-z", choices=("mean", "sample"), default="mean", help="latent in the ROSE gradient")
+    g.add_argument("--damping", type=float, default=1e-8, help="Fisher damping (authors: 1e-8, absolute)")
+    g.add_argument("--damping-relative", action="store_true", help="damping × mean of F (earlier: with --damping 1e-3)")
 
 
 def build(args: argparse.Namespace) -> StudySpec:
     score, grid = FAMILIES[args.family]
     grid, space = dict(grid), dict(SPACES[args.family])
+    if args.scores:  # fixed scores: the trials differ only by seed
+        score, grid, space = args.scores, {}, {}
+    names = score.split(",")
+    target = "rose_ekfac" if "rose_ekfac" in names else names[0]
     factors = [0.2, 1.8] if args.smoke else BRIGHTNESS
     bright = [f"{args.bright}[brightness={f}]" for f in factors] if args.bright else []
     ood = "mnist,overall" if args.smoke and args.ood == OOD else args.ood
@@ -74,7 +85,9 @@ def build(args: argparse.Namespace) -> StudySpec:
                 else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]})
     fixed = dict(method="rose", id=args.id, ood=",".join([ood, *bright]), scores=score, iwae_k=args.iwae_k,
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
-                 vae_cache=str(Path(args.storage).resolve() / "vae_cache"), **common_overrides(args))
+                 vae_cache=str(Path(args.storage).resolve() / "vae_cache"), arch=args.arch, pad=args.pad,
+                 resize=not args.pad, rose_z=args.rose_z, damping=args.damping, damping_relative=args.damping_relative,
+                 **common_overrides(args))
     if args.fisher_n or args.smoke:
         fixed["fisher_n"] = args.fisher_n or 200
     seeds = args.seeds
@@ -88,7 +101,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=space,
         grid=grid,
-        metric=ValTarget("auroc", score),
+        metric=ValTarget("auroc", target),
         before_run=pretrain_all,
     )
 

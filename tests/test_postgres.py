@@ -189,6 +189,8 @@ def test_bad_or_unreachable_store_is_refused_before_compute(tmp_path, pg, capsys
         err = capsys.readouterr().err
         assert match in err and "secret" not in err, err[-2000:]  # passwords are not printed
         assert not (tmp_path / "r").exists()
+    out = _oodlab("list", "--optuna-storage", f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x")
+    assert out.returncode == 2 and "cannot reach the database" in out.stderr and "secret" not in out.stderr
 
 
 def test_journal_file_storage_round_trip(tmp_path):
