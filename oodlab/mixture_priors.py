@@ -9,8 +9,10 @@ with unit-variance components g of one family:
                     so that Var = 1 for every β (β = 2 is N(0, 1); the paper uses β = 4).
 
 Component means (paper §5.3–5.4): one component at 0 (the standard prior); two at
-±d/2·e_1 (so d is the distance between them); K > 2 at d·e_i, i = 1..K (the paper's
-quad-modal VAE uses 150·e_i). Training pulls each image to its assigned component p_i;
+±d/2·e_1 (so d is the distance between them); K > 2 either at d·e_i, i = 1..K (``layout="axes"``,
+the paper's quad-modal VAE: 150·e_i) or on one line at [d·i, 0, …], i = 0..K−1
+(``layout="line"``, the paper's quad-modal Glow: 200·i, §5.4, "placing modes on differing
+dimensions does not work on Glow"). Training pulls each image to its assigned component p_i;
 test likelihoods use the full mixture.
 """
 
@@ -24,10 +26,20 @@ import torch
 FAMILIES = ("gaussian", "gen_gaussian")
 
 
-def component_means(components: int, distance: float, dim: int) -> torch.Tensor:
-    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; d·e_i for K > 2 (needs D ≥ K)."""
+LAYOUTS = ("axes", "line")
+
+
+def component_means(components: int, distance: float, dim: int, layout: str = "axes") -> torch.Tensor:
+    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; for K > 2 d·e_i (``axes``, needs D ≥ K)
+    or d·i·e_1, i = 0..K−1 (``line``)."""
     if components < 1:
         raise ValueError(f"components must be >= 1, got {components}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if components > 2 and layout == "line":
+        means = torch.zeros(components, dim, dtype=torch.float64)
+        means[:, 0] = distance * torch.arange(components, dtype=torch.float64)
+        return means
     if components > 2 and components > dim:
         raise ValueError(f"{components} components at d·e_i need latent_dim >= {components}, got {dim}")
     means = torch.zeros(components, dim, dtype=torch.float64)
@@ -64,12 +76,12 @@ class MixturePrior:
 
     @classmethod
     def build(cls, family: str, components: int, distance: float, dim: int, beta: float = 4.0,
-              device: torch.device | str = "cpu") -> MixturePrior:
+              device: torch.device | str = "cpu", layout: str = "axes") -> MixturePrior:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        means = component_means(components, distance, dim).to(device=device, dtype=torch.float32)
+        means = component_means(components, distance, dim, layout).to(device=device, dtype=torch.float32)
         return cls(means, family, beta)
 
     @property

@@ -114,9 +114,11 @@ class Cell:
 
 # ---------------------------------------------------------------- reading MLflow
 
-def _client(storage: Path):
+def _client(storage: Path, mlflow_uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
+    if mlflow_uri:  # a database or tracking server (--mlflow-uri)
+        return MlflowClient(tracking_uri=mlflow_uri)
     db = Path(storage) / "mlflow.db"
     if not db.is_file():
         raise FileNotFoundError(f"no MLflow store at {db}; run a study with --storage {storage} first")
@@ -260,10 +262,10 @@ def selection_report(client, parent: str | None, study: str,
     return selection.to_markdown(study, groups, chosen, targets, modes), selection.to_csv(groups, chosen, targets)
 
 
-def report(storage: Path, study: str) -> str:
+def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
     """The selection by the study's target, then the paper-format AUROC table of every configuration;
     both logged to the study's parent run; returns the markdown."""
-    client = _client(Path(storage))
+    client = _client(Path(storage), mlflow_uri)
     trials, parent = load_trials(client, study)
     sel_md, sel_csv = selection_report(client, parent, study, trials)
     cells = aggregate(trials)

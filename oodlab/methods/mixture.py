@@ -180,7 +180,8 @@ class Config(TrialConfig):
     family: str = "gaussian"  # component family: "gaussian" | "gen_gaussian"
     beta: float = 4.0  # generalized-Gaussian shape (paper: 4); unused for gaussian
     components: int = 2  # K; 1 = standard N(0, I) prior (the baseline)
-    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2) or d·e_i (K > 2); paper: VAE 150, Glow 100
+    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2), d·e_i or d·i·e_1 (K > 2); paper: VAE 150, Glow 100 (K=4: 200)
+    layout: str = "auto"  # K > 2 means: axes (d·e_i) | line ([d·i, 0, …]) | auto (paper §5.4: VAE axes, Glow line)
     assignment: str = "labels"  # how training images get components: "labels" | "kmeans"
     # --- evaluation ---
     is_samples: int = 64  # importance samples per test image (paper: 5000)
@@ -199,12 +200,19 @@ class Config(TrialConfig):
             (self.glow_steps >= 1, f"glow_steps must be >= 1, got {self.glow_steps}"),
             (self.glow_hidden >= 1, f"glow_hidden must be >= 1, got {self.glow_hidden}"),
             (1 <= self.glow_squeezes <= 4, f"glow_squeezes must be in 1..4, got {self.glow_squeezes}"),
-            (self.model == "glow" or self.components <= 2 or self.components <= self.latent_dim,
+            (self.layout in ("auto", "axes", "line"), f"layout must be auto, axes or line; got {self.layout!r}"),
+            (self.model == "glow" or self.components <= 2 or self.components <= self.latent_dim
+             or self.mean_layout == "line",
              f"components={self.components} at d·e_i need latent_dim >= components, got {self.latent_dim}"),
             (0 <= self.distance <= 10_000, f"distance must be in [0, 10000], got {self.distance}"),
             (self.is_samples >= 1, f"is_samples must be >= 1, got {self.is_samples}"),
             (self.is_max_rows >= 1, f"is_max_rows must be >= 1, got {self.is_max_rows}"),
         ])
+
+    @property
+    def mean_layout(self) -> str:
+        """The K > 2 mean layout: ``layout``, or the paper's for the model (§5.4)."""
+        return self.layout if self.layout != "auto" else ("line" if self.model == "glow" else "axes")
 
     def score_names(self) -> tuple[str, ...]:
         return ("nll",)
@@ -233,11 +241,12 @@ class Experiment(BaseExperiment):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         dim = self.model.dims if cfg.model == "glow" else cfg.latent_dim
-        if cfg.components > 2 and cfg.components > dim:
+        if cfg.components > 2 and cfg.components > dim and cfg.mean_layout == "axes":
             raise ConfigError(
                 f"components={cfg.components} at d·e_i need a latent of >= {cfg.components} dims, got {dim}"
             )
-        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device)
+        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device,
+                                        cfg.mean_layout)
         self.comp = self._assign(train)  # (N,) component of each training image
         if cfg.model == "glow":
             # Data-dependent actnorm init on up to 512 training images (fixed dequantization draw).
