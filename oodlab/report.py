@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodlab import data, selection
+from oodlab import data, selection, tags
 from oodlab.experiment import set_key
 
 # Paper 000 (Csiszárik et al.), mean (sd) over 10 runs: (inlier, OOD, noise model, negatives, score).
@@ -125,15 +125,18 @@ def _client(storage: Path, mlflow_uri: str | None = None):
     return MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
 
 
-def load_trials(client, study: str) -> tuple[list[tuple[dict[str, str], dict[str, float]]], str | None]:
-    """(params, metrics) of every FINISHED trial run of a study, and the parent run's id."""
+def load_trials(client, study: str,
+                completed_only: bool = False) -> tuple[list[tuple[dict[str, str], dict[str, float]]], str | None]:
+    """(params, metrics) of every FINISHED trial run of a study, and the parent run's id;
+    ``completed_only``: without the trials a scheduler stopped early (their metrics are of an earlier epoch)."""
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"no study {study!r} in the MLflow store; known: {', '.join(known) or 'none'}")
     runs = client.search_runs([exp.experiment_id], max_results=50_000)
     trials = [(dict(r.data.params), dict(r.data.metrics)) for r in runs
-              if r.data.tags.get("oodlab.role") == "trial" and r.info.status == "FINISHED"]
+              if r.data.tags.get("oodlab.role") == "trial" and r.info.status == "FINISHED"
+              and not (completed_only and r.data.tags.get(tags.STOPPED_EARLY) == "true")]
     parents = [r.info.run_id for r in runs if r.data.tags.get("oodlab.role") == "parent"]
     return trials, parents[0] if parents else None
 
@@ -248,18 +251,22 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
-def selection_report(client, parent: str | None, study: str,
-                     trials: list[tuple[dict[str, str], dict[str, float]]]) -> tuple[str, str]:
-    """(markdown, csv) of the configurations the study's target selects and their test metrics."""
+def selection_report(client, study: str) -> tuple[str, str]:
+    """(markdown, csv) of the configurations the study's target selects, among trials that ran to
+    the end (not stopped early), and their test metrics."""
+    trials, parent = load_trials(client, study, completed_only=True)
     if parent is None:
         return f"# {study}: no parent run, so no recorded target; nothing selected\n", ""
+    run = client.get_run(parent)
     try:
-        targets, modes = selection.targets_of(dict(client.get_run(parent).data.params))
+        targets, modes = selection.targets_of(dict(run.data.params))
     except ValueError as e:
         return f"# {study}: nothing selected ({e})\n", ""
     groups = selection.group(trials)
     chosen = selection.select(groups, targets, modes)
-    return selection.to_markdown(study, groups, chosen, targets, modes), selection.to_csv(groups, chosen, targets)
+    allowed = run.data.tags.get(tags.ALLOW_TEST_TARGET) == "true"
+    return (selection.to_markdown(study, groups, chosen, targets, modes, allowed),
+            selection.to_csv(groups, chosen, targets))
 
 
 def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
@@ -267,7 +274,7 @@ def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
     both logged to the study's parent run; returns the markdown."""
     client = _client(Path(storage), mlflow_uri)
     trials, parent = load_trials(client, study)
-    sel_md, sel_csv = selection_report(client, parent, study, trials)
+    sel_md, sel_csv = selection_report(client, study)
     cells = aggregate(trials)
     md = to_markdown(cells, study)
     if parent is not None and trials:

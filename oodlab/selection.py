@@ -112,14 +112,17 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ({sd:.3f})" if math.isfinite(sd) else f"{mean:.3f} (–)"
 
 
-def to_markdown(study: str, groups: list[Group], chosen: list[Group], targets: list[str], modes: list[str]) -> str:
-    """Which target selected which configuration(s), then their test metrics, mean (sd) over seeds."""
+def to_markdown(study: str, groups: list[Group], chosen: list[Group], targets: list[str], modes: list[str],
+                allowed: bool = False) -> str:
+    """Which target selected which configuration(s), then their test metrics, mean (sd) over seeds;
+    ``allowed``: the study recorded its explicit permission for a test target."""
     leak = [t for t in targets if not is_val_metric(t)]
     target_text = ", ".join(f"`{t}` ({m})" for t, m in zip(targets, modes))
     lines = [f"# {study}: selected by {'the Pareto front of ' if len(targets) > 1 else ''}{target_text}", ""]
     if leak:
-        lines += [f"**Warning: selected on TEST metric(s) {', '.join(leak)}** (the study allowed it with an explicit "
-                  "flag): the test numbers below are biased upwards; a validation target (`val_…`) avoids this.", ""]
+        how = "allowed by the study's explicit --allow-test-target" if allowed else "no permission recorded"
+        lines += [f"**Warning: selected on TEST metric(s) {', '.join(leak)}** ({how}): the test numbers below "
+                  "are biased upwards; a validation target (`val_…`) avoids this.", ""]
     else:
         lines += ["Configurations were ranked by the validation target's mean over seeds (ID validation images held "
                   "out of training vs validation OOD sets); the test metrics below were not used for the choice.", ""]

@@ -167,7 +167,7 @@ def test_every_method_reports_validation_and_test_metrics(method):
 
 # ---------------------------------------------------------------- selection (oodlab report)
 
-def _write_study(tmp_path, target: str, mode: str | None = None) -> None:
+def _write_study(tmp_path, target: str, mode: str | None = None, allow: bool = False) -> None:
     """A study in a real MLflow sqlite store: shift 2 wins on validation, shift 8 on test."""
     from mlflow.tracking import MlflowClient
 
@@ -175,6 +175,8 @@ def _write_study(tmp_path, target: str, mode: str | None = None) -> None:
     exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"oodlab.role": "parent"}).info.run_id
     client.log_param(parent, "metric", target)
+    if allow:
+        client.set_tag(parent, "oodlab.allow_test_target", "true")
     if mode:
         client.log_param(parent, "mode", mode)
     for shift, val, test in ((2.0, (0.90, 0.80), (0.60, 0.62)), (8.0, (0.70, 0.72), (0.99, 0.97))):
@@ -186,6 +188,13 @@ def _write_study(tmp_path, target: str, mode: str | None = None) -> None:
                          "auroc_mnist_bpd": test[seed], "fpr95_mnist_bpd": 1 - test[seed]}.items():
                 client.log_metric(run, k, v)
             client.set_terminated(run)
+    # a trial ASHA stopped early at a lucky validation value: it must not be selected
+    run = client.create_run(exp, tags={"oodlab.role": "trial", "oodlab.stopped_early": "true"}).info.run_id
+    for k, v in dict(shift=5.0, seed=0, id="fashion_mnist", ood="mnist", val_ood="blobs").items():
+        client.log_param(run, k, v)
+    client.log_metric(run, "val_auroc_blobs_bpd", 0.99)
+    client.log_metric(run, "auroc_mnist_bpd", 0.5)
+    client.set_terminated(run)
     client.set_terminated(parent)
 
 
@@ -199,15 +208,15 @@ def test_report_selects_by_validation_and_shows_test_metrics(tmp_path):
     assert "| 2.0 | 2 | 0.850 (0.071) |" in head  # shift 2: best mean validation AUROC, 2 seeds
     sel = md.split("## Test metrics of shift=2.0")[1].split("#")[0]
     assert "| `auroc_mnist_bpd` | 0.610 (0.014) |" in sel  # its test AUROC, although shift 8 tests better
-    assert "0.980" not in sel
+    assert "0.980" not in sel and "shift=5.0" not in md.split("# s: AUROC")[0]  # stopped early: not selectable
 
 
 def test_report_flags_a_test_target(tmp_path):
     from oodlab.report import report
 
-    _write_study(tmp_path, "auroc_mnist_bpd")
+    _write_study(tmp_path, "auroc_mnist_bpd", allow=True)
     md = report(tmp_path, "s")
-    assert "Warning: selected on TEST metric(s) auroc_mnist_bpd" in md
+    assert "Warning: selected on TEST metric(s) auroc_mnist_bpd** (allowed by the study's explicit" in md
     assert "## Test metrics of shift=8.0" in md
 
 
