@@ -177,9 +177,10 @@ def to_markdown(cells: list[Cell], study: str = "") -> str:
     if not cells:
         return f"# {study}\n\n(no finished trials)\n"
     seeds = sorted({len(c.values) for c in cells})
-    lines = [f"# {study}: AUROC, mean (sd) over {'/'.join(map(str, seeds))} seed(s)", "",
+    lines = [f"# {study}: test AUROC of every configuration, mean (sd) over {'/'.join(map(str, seeds))} seed(s)", "",
              "Each cell: ours mean (sd) [paper 000 mean (sd), 10 runs, where the paper has the row]. "
-             "sd is the sample sd over seeds (– with one seed).", ""]
+             "sd is the sample sd over seeds (– with one seed). Every configuration is shown, for reading; "
+             "choosing the best cell here would select on the test set (the selection above does not).", ""]
     negs = _negatives(cells)
     for score in sorted({c.score for c in cells}, key=lambda s: (s not in SCORE_TITLES, s)):
         sub = [c for c in cells if c.score == score]

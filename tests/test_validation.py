@@ -208,7 +208,7 @@ def test_report_selects_by_validation_and_shows_test_metrics(tmp_path):
     assert "| 2.0 | 2 | 0.850 (0.071) |" in head  # shift 2: best mean validation AUROC, 2 seeds
     sel = md.split("## Test metrics of shift=2.0")[1].split("#")[0]
     assert "| `auroc_mnist_bpd` | 0.610 (0.014) |" in sel  # its test AUROC, although shift 8 tests better
-    assert "0.980" not in sel and "shift=5.0" not in md.split("# s: AUROC")[0]  # stopped early: not selectable
+    assert "0.980" not in sel and "shift=5.0" not in md.split("# s: test AUROC")[0]  # stopped early: not selectable
 
 
 def test_report_flags_a_test_target(tmp_path):
