@@ -1,15 +1,17 @@
-"""One trial, pure: config -> data -> model -> epochs of training -> OOD evaluation.
+"""The method contract: one trial, pure: config -> data -> model -> epochs of training -> OOD evaluation.
 
-This is the science end of the pipeline; it knows nothing of Ray, Optuna or MLflow.
-Each method (``oodlab.methods.<name>``) defines a ``Config`` (a subclass of
-``TrialConfig``) and an ``Experiment`` (a subclass of ``Experiment`` here) that holds
-everything a checkpoint needs. ``build`` picks them by the config's ``method`` key;
-``run_trial`` is the bare loop that benchmarks and tests call, and
-``oodlab.trainable`` wraps the same object for Ray Tune.
+This is the science end of the pipeline; it knows nothing of Ray, Optuna or MLflow, nor of
+the methods themselves. Each method (``oodlab.methods.<name>``) defines a ``Config`` (a
+frozen dataclass subclassing ``TrialConfig``) and an ``Experiment`` (subclassing the
+abstract ``Experiment[Config]`` here) that holds everything a checkpoint needs.
+``oodlab.registry`` maps the config's ``method`` key to that pair (this module never
+imports it, so there is no import cycle); ``registry.run_trial`` is the bare loop that
+benchmarks and tests call, and ``oodlab.trainable`` wraps the same object for Ray Tune.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -26,13 +28,18 @@ from oodlab import data
 from oodlab.metrics import METRICS, ood_metrics
 
 Scores = dict[str, dict[str, np.ndarray]]  # {"id" | ood_key: {score_name: (N,) array}}
+SetInfos = dict[tuple[str, str], data.SetInfo]  # (spec, split) -> size, (C, H, W) and labels as loaded
+
+
+_T = TypeVar("_T", bound="TrialConfig")
 
 
 class ConfigError(ValueError):
     """A trial configuration that cannot run; raised before any compute."""
 
 
-def _check(checks: list[tuple[bool, str]]) -> None:
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first failed ``(ok, message)`` pair."""
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
@@ -42,7 +49,7 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 class TrialConfig:
     """Fields every method shares: data, optimisation, evaluation. Methods subclass it."""
 
-    method: str = "negprior"  # which oodlab.methods module runs the trial
+    method: str = "negprior"  # which method runs the trial: a key of oodlab.registry.METHODS
     # --- data ---
     id: str = "fashion_mnist"  # in-distribution set (train split for training, test split for scoring)
     ood: tuple[str, ...] = ("mnist",)  # OOD test sets, each scored and reported on its own
@@ -61,9 +68,10 @@ class TrialConfig:
     fail_at_epoch: int | None = None  # fault injection (tests): the loss "diverges" at this epoch
 
     def __post_init__(self) -> None:
-        ood = data.split_specs(self.ood) if isinstance(self.ood, str) else list(self.ood)
+        raw: str | tuple[str, ...] = self.ood  # a comma-separated string from the command line or MLflow
+        ood = data.split_specs(raw) if isinstance(raw, str) else list(raw)
         object.__setattr__(self, "ood", tuple(ood))
-        _check([
+        require([
             (len(self.ood) > 0, "ood: give at least one OOD set"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -92,21 +100,20 @@ class TrialConfig:
         """Every flat metric the trial reports at an evaluation."""
         return [metric_name(m, o, s) for o in self.ood for s in self.score_names() for m in METRICS]
 
-    def check_data(self, shapes: dict[str, tuple[int, int, int]]) -> None:
-        """Check the method fits the data before any compute; ``shapes``: (spec, split) -> (C, H, W)
-        of every set in ``data_requests()`` as loaded (after padding). Raise ConfigError."""
-        train = shapes[(self.id, "train")]
+    def check_data(self, sets: SetInfos) -> None:
+        """Check the method fits the data before any compute; ``sets``: (spec, split) -> SetInfo of
+        every set in ``data_requests()`` as loaded (after padding). Raise ConfigError. The runner
+        calls it for every config before Ray starts; methods extend it with their model's checks."""
+        train = sets[(self.id, "train")].shape
         for spec in (self.id, *self.ood):
-            if shapes[(spec, "test")] != train:
-                raise ConfigError(f"set {spec!r} has images of shape {shapes[(spec, 'test')]} but the ID set has "
-                                  f"{train}; make them match with modifiers such as [channels=3,size=32]")
+            same_shape(spec, sets[(spec, "test")].shape, train)
 
     def score_names(self) -> tuple[str, ...]:
         """Names of the scores the method reports (higher = more OOD)."""
         return ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+    def from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -141,6 +148,20 @@ def metric_table(scores: Scores, oods: tuple[str, ...]) -> dict[str, float]:
             for m, v in ood_metrics(scores["id"][score_name], s_out).items():
                 table[metric_name(m, spec, score_name)] = v
     return table
+
+
+def same_shape(name: str, shape: tuple[int, ...], id_shape: tuple[int, ...]) -> None:
+    """ConfigError unless a set's (C, H, W) equals the ID set's."""
+    if tuple(shape) != tuple(id_shape):
+        raise ConfigError(f"set {name!r} has images of shape {tuple(shape)} but the ID set has {tuple(id_shape)}; "
+                          "make them match with modifiers such as [channels=3,size=32]")
+
+
+def labels_of(spec: str, info: data.SetInfo, method: str) -> tuple[int, ...]:
+    """The ID set's classes; ConfigError for a set without labels that ``method`` needs."""
+    if not info.classes:
+        raise ConfigError(f"ID set {spec!r} has no labels; {method} needs them")
+    return info.classes
 
 
 def auto_arch(arch: str, channels: int) -> str:
@@ -179,9 +200,7 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
     train = load(cfg.id, "train", cfg.train_n)
     tests = {"id": load(cfg.id, "test", cfg.test_n), **{set_key(o): load(o, "test", cfg.test_n) for o in cfg.ood}}
     for name, s in tests.items():
-        if s.shape != train.shape:
-            raise ConfigError(f"set {name!r} has images of shape {s.shape} but the ID set has {train.shape}; "
-                              "make them match with modifiers such as [channels=3,size=32]")
+        same_shape(name, s.shape, train.shape)
     return train, tests
 
 
@@ -220,17 +239,28 @@ class EpochResult:
     seconds: float = 0.0
 
 
-class Experiment:
-    """Base of a method's trial: subclasses set ``cfg``, ``device``, ``epoch`` and implement
-    ``train_epoch``, ``score``, ``state_dict`` and ``load_state_dict``."""
+C = TypeVar("C", bound=TrialConfig)
 
-    cfg: TrialConfig
+
+class Experiment(abc.ABC, Generic[C]):
+    """One trial of a method: ``__init__(cfg)`` builds data and model (calling ``start``);
+    the abstract methods are what a method must write, everything else is shared.
+
+    Subclasses set ``cfg``, ``device``, ``epoch`` (``start`` does) and hold in
+    ``state_dict`` all a checkpoint needs to resume the trial bit for bit.
+    """
+
+    cfg: C
     device: torch.device
     epoch: int = 0
     train_x: torch.Tensor  # ID training images, uint8 on the device (for ``shuffled_epoch``)
     gen: torch.Generator  # the trial's batch-order generator (for ``shuffled_epoch``)
 
-    def start(self, cfg: TrialConfig) -> data.ImageSet:
+    @abc.abstractmethod
+    def __init__(self, cfg: C) -> None:
+        """Load data (``self.start(cfg)``), build the model and optimisers; no training yet."""
+
+    def start(self, cfg: C) -> data.ImageSet:
         """Common start of a method's ``__init__``: config, device, seed, test sets on the
         device (``self.test``); returns the ID training set."""
         self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
@@ -238,8 +268,9 @@ class Experiment:
         train, self.test = load_sets(cfg, self.device)
         return train
 
+    @abc.abstractmethod
     def train_epoch(self) -> dict[str, float]:
-        raise NotImplementedError
+        """One epoch of training; returns the mean of each loss part (``shuffled_epoch`` helps)."""
 
     def shuffled_epoch(self, step: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, float]:
         """One shuffled pass over ``self.train_x`` in ``cfg.batch_size`` batches, the order drawn from
@@ -250,14 +281,17 @@ class Experiment:
             means.add(step(idx))
         return means.means(self.epoch + 1)
 
+    @abc.abstractmethod
     def score(self) -> Scores:
-        raise NotImplementedError
+        """Scores of ``self.test`` (ID test and each OOD set), higher = more OOD."""
 
+    @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Everything to resume: weights, optimiser states, RNG states, epoch."""
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Inverse of ``state_dict``."""
 
     def write_artifacts(self, folder: Path) -> None:
         """Optional: write method-specific files (figures, sample grids) for the final MLflow run."""
@@ -281,37 +315,3 @@ class Experiment:
     @property
     def done(self) -> bool:
         return self.epoch >= self.cfg.epochs
-
-
-def method_module(name: str):
-    from oodlab import methods  # late: method modules import this one
-
-    try:
-        return methods.get(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def build_config(d: dict[str, Any] | TrialConfig) -> TrialConfig:
-    """The method's own Config from a flat dict (as Tune and MLflow see it)."""
-    if isinstance(d, TrialConfig):
-        return d
-    return method_module(d.get("method", "negprior")).Config.from_dict(d)
-
-
-def build(config: dict[str, Any] | TrialConfig) -> Experiment:
-    cfg = build_config(config)
-    return method_module(cfg.method).Experiment(cfg)
-
-
-def run_trial(
-    config: dict[str, Any] | TrialConfig, on_epoch: Callable[[EpochResult], None] | None = None
-) -> EpochResult:
-    """Run a whole trial without Ray; returns the last epoch's result."""
-    exp = build(config)
-    res = None
-    while not exp.done:
-        res = exp.step()
-        if on_epoch:
-            on_epoch(res)
-    return res

@@ -24,12 +24,17 @@ import torch
 FAMILIES = ("gaussian", "gen_gaussian")
 
 
-def component_means(components: int, distance: float, dim: int) -> torch.Tensor:
-    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; d·e_i for K > 2 (needs D ≥ K)."""
+def check_components(components: int, dim: int) -> None:
+    """ValueError unless K components fit a D-dim latent: K >= 1, and D >= K when K > 2 (means d·e_i)."""
     if components < 1:
         raise ValueError(f"components must be >= 1, got {components}")
     if components > 2 and components > dim:
         raise ValueError(f"{components} components at d·e_i need latent_dim >= {components}, got {dim}")
+
+
+def component_means(components: int, distance: float, dim: int) -> torch.Tensor:
+    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; d·e_i for K > 2 (needs D ≥ K)."""
+    check_components(components, dim)
     means = torch.zeros(components, dim, dtype=torch.float64)
     if components == 2:
         means[:, 0] = torch.tensor([-distance / 2, distance / 2], dtype=torch.float64)

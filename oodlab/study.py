@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from oodlab import data, ray_connect, stores
-from oodlab.experiment import ConfigError, build_config
+from oodlab.experiment import ConfigError
+from oodlab.registry import build_config
 
 SAMPLERS = ("grid", "tpe", "random")
 
@@ -106,13 +107,13 @@ def validate(spec: StudySpec, args: argparse.Namespace) -> None:
     known = configs[0].metric_names()
     if spec.metric not in known:
         raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {', '.join(known)}")
-    shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
+    sets: dict[tuple[str, str, bool], data.SetInfo] = {}
     try:  # load every set once: a missing file or a model that does not fit the data fails here
         for cfg in configs:
             for req in cfg.data_requests():
-                if (*req, cfg.pad) not in shapes:
-                    shapes[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).shape
-            cfg.check_data({req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()})
+                if (*req, cfg.pad) not in sets:
+                    sets[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).info()
+            cfg.check_data({req: sets[(*req, cfg.pad)] for req in cfg.data_requests()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 

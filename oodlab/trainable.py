@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from oodlab.experiment import build
+from oodlab.registry import build
 
 STATE_FILE = "state.pt"
 SCORES_FILE = "scores.npz"

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import build_config, load_sets, metric_name, resolve_device
+from oodlab.experiment import load_sets, metric_name, resolve_device
 from oodlab.study import StudySpec, common_overrides, default_name, main
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
@@ -88,9 +88,9 @@ def build(args: argparse.Namespace) -> StudySpec:
 
 def pretrain(fixed: dict) -> None:
     """Train the shared VAE once in the driver (a no-op when it is cached), so trials only score."""
-    from oodlab.methods.rose import ensure_vae
+    from oodlab.methods.rose import Config, ensure_vae
 
-    cfg = build_config(fixed)
+    cfg = Config.from_dict(fixed)
     device = resolve_device(cfg.device)
     train, _ = load_sets(cfg, device)
     print(f"[rose] shared VAE: {cfg.vae_cache} ({len(train)} images, {cfg.epochs} epochs)", flush=True)

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from oodlab import data
-from oodlab.experiment import ConfigError, build_config
+from oodlab.experiment import ConfigError
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.methods import rose
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+from oodlab.registry import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 

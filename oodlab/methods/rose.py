@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, metric_table, set_key
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, metric_table, require, set_key
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
@@ -237,7 +237,8 @@ def _cache_file(folder: str, key: dict[str, Any]) -> Path | None:
 def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: str | None = None,
                l2: float = 0.0) -> tuple[RoseVAE, list[float]]:
     """Load the VAE trained with this config from ``cfg.vae_cache``, or train and store it (train once, score many)."""
-    vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim)
+    c, h, w = x_u8.shape[1:]
+    vcfg = cfg.vae_config((c, h, w))
     key = dict(id=cfg.id, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
     path = _cache_file(cfg.vae_cache, key)
@@ -291,7 +292,7 @@ class Config(TrialConfig):
             object.__setattr__(self, "scores", tuple(s.strip() for s in self.scores.split(",") if s.strip()))
         super().__post_init__()
         bad = [s for s in self.scores if s not in SCORES]
-        _check([
+        require([
             (len(self.scores) > 0 and not bad, f"scores must be a non-empty subset of {SCORES}; got unknown {bad}"),
             (len(set(self.scores)) == len(self.scores), f"scores listed twice: {self.scores}"),
             (self.preconditioner in PRECONDITIONERS, f"preconditioner must be one of {PRECONDITIONERS}; got {self.preconditioner!r}"),
@@ -311,6 +312,18 @@ class Config(TrialConfig):
             except ValueError as e:
                 raise ConfigError(f"{field}: {e}") from None
 
+    def vae_config(self, shape: tuple[int, int, int]) -> RoseVAEConfig:
+        """The paper's VAE for ID images of this (C, H, W); ConfigError when it does not fit them."""
+        c, h, _ = shape
+        try:
+            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        self.vae_config(sets[(self.id, "train")].shape)
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["scores"] = ",".join(self.scores)
@@ -328,7 +341,7 @@ class Config(TrialConfig):
         return super().metric_names() + extra
 
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """Train (or load) the paper's VAE once, then score every test set with the configured scores."""
 
     def __init__(self, cfg: Config):
