@@ -342,7 +342,9 @@ def _load_overall(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x[order].contiguous(), y[order]
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> (N, C, size, size), bilinear with antialiasing (as torchvision's
+    ``transforms.Resize`` on PIL images, which paper 004's authors use for 28 -> 32), rounded."""
     if x.shape[-2:] == (size, size):
         return x
     out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -388,7 +390,7 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
     elif mods.get("channels") == 1 and x.shape[1] == 3:
         x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
     if "size" in mods:
-        x = _resize(x, mods["size"])
+        x = resize(x, mods["size"])
     if "brightness" in mods:
         x = (x.float() * mods["brightness"]).round().clamp(0, 255).to(torch.uint8)
     if pad_to is not None:

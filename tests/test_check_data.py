@@ -59,7 +59,7 @@ BAD = [
     ({"method": "oodgen"}, {"classes": (3,)}, "at least 2"),
     ({"method": "oodgen"}, {"shape": (1, 30, 30)}, "divisible by 4"),
     # rose: the paper's VAE takes 32×32 only
-    ({"method": "rose", "ood": "mnist", "pad": False}, {"shape": (1, 28, 28)}, "32×32"),
+    ({"method": "rose", "ood": "mnist", "resize": False}, {"shape": (1, 28, 28)}, "32×32"),
 ]
 
 

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +45,32 @@ SCORES = ("rose", "rose_diag", "rose_ekfac", "nll", "lr", "lratio", "ic_png", "i
 
 
 def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per encoder conv layer, each image's input patches h (B, L, C_in·k·k) and output gradients δ (B, L, C_out).
+    """Per encoder conv layer (``model.convs``), each image's input patches h (B, L, C_in·k·k [+1])
+    and output gradients δ (B, L, C_out).
 
-    One batched forward/backward of Σ_n −ELBO_n; images are independent, so δ of image n
-    is ∂(−ELBO_n)/∂a_n and its weight gradient is G_n = Σ_t δ_{n,t} h_{n,t}ᵀ.
+    One batched forward/backward of Σ_n −ELBO_n; in eval mode images are independent, so δ of
+    image n is ∂(−ELBO_n)/∂a_n and its weight gradient is G_n = Σ_t δ_{n,t} h_{n,t}ᵀ. A conv with
+    a bias gets a constant 1 appended to h, so G_n's last column is the bias gradient (the
+    authors' ``cat([weight.grad, bias.grad], 1)``). eps = 0 gives z = μ.
     """
+    if model.training and model.has_bn:
+        raise RuntimeError("per-sample gradients need the VAE in eval mode (BatchNorm couples a batch in train mode)")
     mu, logvar, inputs, preacts = model.encode_with_preacts(x)
     z = mu + eps * (0.5 * logvar).exp()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
     loss = (kl - model.log_px(x, model.decode(z))).sum()
     deltas = torch.autograd.grad(loss, preacts)
     out = []
-    for conv, h, d in zip(model.enc, inputs, deltas):
+    for conv, h, d in zip(model.convs, inputs, deltas):
         p = F.unfold(h.detach(), conv.kernel_size, padding=conv.padding, stride=conv.stride).transpose(1, 2)
+        if conv.bias is not None:
+            p = torch.cat([p, p.new_ones(*p.shape[:2], 1)], 2)
         out.append((p, d.flatten(2).transpose(1, 2)))
     return out
 
 
 def grads_from_terms(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """G_n = Σ_t δ_{n,t} h_{n,t}ᵀ: (B, C_out, Din), the layout of ``conv.weight.flatten(1)``."""
+    """G_n = Σ_t δ_{n,t} h_{n,t}ᵀ: (B, C_out, Din), the layout of ``conv.weight.flatten(1)`` (+ bias column)."""
     return torch.einsum("blo,bli->boi", d, p)
 
 
@@ -102,9 +109,9 @@ def ekfac_dense(u_a: torch.Tensor, u_b: torch.Tensor, sigma: torch.Tensor) -> to
     return u @ torch.diag(sigma.flatten()) @ u.T
 
 
-def quad(g: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
-    """gᵀ diag(F)^{-1} g per sample, (B,); damping is relative to the mean of F."""
-    return (g.pow(2) / (fisher + damping * fisher.mean())).flatten(1).sum(1)
+def quad(g: torch.Tensor, fisher: torch.Tensor, damping: float, relative: bool = False) -> torch.Tensor:
+    """gᵀ (diag(F) + λ)^{-1} g per sample, (B,); λ = damping (the authors: 1e-8), or damping × mean(F)."""
+    return (g.pow(2) / (fisher + damping * (fisher.mean() if relative else 1.0))).flatten(1).sum(1)
 
 
 @dataclass
@@ -115,6 +122,7 @@ class RoseFit:
     fisher: list[torch.Tensor]  # per layer: diag F (diag) or Σ in the eigenbasis (ekfac), shaped like G
     bases: list[tuple[torch.Tensor, torch.Tensor]] | None  # (U_A, U_B) per layer (ekfac)
     damping: float
+    relative: bool = False  # damping relative to the mean of F (else absolute)
     mean: torch.Tensor | None = None  # (L,) μ^l
     std: torch.Tensor | None = None  # (L,) σ^l
 
@@ -126,7 +134,7 @@ class RoseFit:
 
     def layer_scores(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """S^l = sᵀ F^{-1} s (eq. 5) for a batch: (B, L)."""
-        return torch.stack([quad(g, f, self.damping) for g, f in zip(self.grads(terms), self.fisher)], 1)
+        return torch.stack([quad(g, f, self.damping, self.relative) for g, f in zip(self.grads(terms), self.fisher)], 1)
 
     def score(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """ROSE = max_l ReLU((S^l − μ^l)/σ^l), (B,) (eq. 11, β = 0, p = ∞)."""
@@ -140,7 +148,7 @@ def _passes(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, batch: int | 
 
 
 def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple[str, ...], batch: int | None = None,
-             damping: float = 1e-3) -> dict[str, RoseFit]:
+             damping: float = 1e-8, relative: bool = False) -> dict[str, RoseFit]:
     """Fit the preconditioners and z-score statistics on N ID images (Algorithm 1), in batches.
 
     Pass 1: diag F and the Kronecker factors; pass 2: EKFAC's Σ and diag's layer scores;
@@ -162,12 +170,12 @@ def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple
             add("B", [b * w for _, b in ab])
     fits = {}
     if "diag" in kinds:
-        fits["diag"] = RoseFit("diag", acc["diag"], None, damping)
+        fits["diag"] = RoseFit("diag", acc["diag"], None, damping, relative)
     if "ekfac" in kinds:
         bases = [(eigenbasis(a), eigenbasis(b)) for a, b in zip(acc["A"], acc["B"])]
         for i, terms in _passes(model, x_u8, eps, batch):
             add("sigma", [diag_fisher(g) * (len(g) / n) for g in (projected_grads(p, d, ua, ub) for (p, d), (ua, ub) in zip(terms, bases))])
-        fits["ekfac"] = RoseFit("ekfac", acc["sigma"], bases, damping)
+        fits["ekfac"] = RoseFit("ekfac", acc["sigma"], bases, damping, relative)
     for fit in fits.values():
         s = torch.cat([fit.layer_scores(terms) for _, terms in _passes(model, x_u8, eps, batch)])  # (N, L)
         fit.mean, fit.std = s.mean(0), s.std(0).clamp_min(1e-12)
@@ -190,15 +198,17 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
               perturb: str | None = None, l2: float = 0.0) -> list[float]:
     """Adam, lr halved every 30 epochs (App. B.1); ``perturb``/``l2`` make LRatio's background model.
 
-    Each batch's gradient is summed over micro-batches of ``model.rows_per_pass`` images: the same
-    gradient as one pass, 2.3× faster on the 2-core CPU (batch 64 as 8 × 8), where a whole
-    batch's 256-way logits (64 MiB) fall out of cache.
+    Without BatchNorm each batch's gradient is summed over micro-batches of ``model.rows_per_pass``
+    images: the same gradient as one pass, 2.3× faster on the 2-core CPU (batch 64 as 8 × 8), where a
+    whole batch's 256-way logits (64 MiB) fall out of cache. With BatchNorm the batch is one pass
+    (its statistics are the batch's). The model is left in eval mode.
     """
+    model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
     gen = torch.Generator().manual_seed(seed)
     dev = x_u8.device
-    micro = model.rows_per_pass(dev)
+    micro = batch_size if model.has_bn else model.rows_per_pass(dev)
     history = []
     for epoch in range(epochs):
         t0, tot, nb = time.perf_counter(), torch.zeros((), device=dev), 0
@@ -224,6 +234,7 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
         print(f"[rose] VAE epoch {epoch + 1}/{epochs}: {history[-1]:.4f} nats/dim, {time.perf_counter() - t0:.0f} s", flush=True)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"VAE loss became {history[-1]}; try a smaller lr")
+    model.eval()
     return history
 
 
@@ -236,11 +247,18 @@ def _cache_file(folder: str, key: dict[str, Any]) -> Path | None:
 
 def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: str | None = None,
                l2: float = 0.0) -> tuple[RoseVAE, list[float]]:
-    """Load the VAE trained with this config from ``cfg.vae_cache``, or train and store it (train once, score many)."""
+    """Load the VAE trained with this config from ``cfg.vae_cache``, or train and store it (train once, score many).
+
+    ``x_u8``: the ID training images as loaded; resized to 32×32 here when ``cfg.resize`` (a no-op
+    when they already are), so the study's driver and the trials train the same model."""
+    if cfg.resize:
+        x_u8 = data.resize(x_u8, 32)
     c, h, w = x_u8.shape[1:]
     vcfg = cfg.vae_config((c, h, w))
     key = dict(id=cfg.id, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
+    if cfg.arch != "plain" or cfg.resize:  # new fields enter the key only when not the old values (old caches stay valid)
+        key.update(arch=cfg.arch, resize=cfg.resize)
     path = _cache_file(cfg.vae_cache, key)
     torch.manual_seed(cfg.seed + (0 if perturb is None else 1))
     model = RoseVAE(vcfg).to(device)
@@ -264,19 +282,23 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
 class Config(TrialConfig):
     method: str = "rose"
     ood: tuple[str, ...] = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant", "overall")
-    pad: bool = True  # paper 004 uses 32×32 inputs
+    pad: bool = False  # zero-pad 28×28 to 32×32 (the earlier choice; needs resize=False)
+    resize: bool = True  # resize 28×28 sets to 32×32, bilinear (the authors' transforms.Resize(32); paper App. B)
     epochs: int = 100  # VAE training epochs (paper: 100)
     batch_size: int = 64  # paper: 64
     lr: float = 1e-3  # Adam, halved every 30 epochs (paper)
     # --- model ---
     width: int = 32  # n, first conv channels (paper: 32 FMNIST, 64 CIFAR-10)
     latent_dim: int = 100  # paper: 100 FMNIST, 200 CIFAR-10
+    arch: str = "dcgan_bn"  # dcgan_bn: Likelihood Regret's DCGAN VAE (BatchNorm, separate μ / log σ² heads) | plain
     vae_cache: str = ""  # folder of trained VAEs keyed by training config ("" = train in memory)
     # --- scores (every one higher = more OOD) ---
     scores: tuple[str, ...] = ("rose_diag", "rose_ekfac", "nll")  # names from SCORES; "rose" uses `preconditioner`
     preconditioner: str = "ekfac"  # for the score "rose": "diag" | "ekfac"
     fisher_n: int = 1000  # ID training images the Fisher and z-scores are fitted on (paper Fig. 5: 10…10K)
-    damping: float = 1e-3  # added to the Fisher's diagonal / eigenvalues, relative to their mean
+    damping: float = 1e-8  # added to the Fisher's diagonal / eigenvalues (the authors' code: 1e-8, absolute)
+    damping_relative: bool = False  # True: damping × the mean of F / Σ (the earlier choice, with damping 1e-3)
+    rose_z: str = "mean"  # latent in the ROSE gradient: mean (z = μ, the authors' num_samples = 1) | sample
     grad_batch: int | None = None  # images per per-sample-gradient pass (None: the device's best; 8 on CPU)
     iwae_k: int = 20  # IWAE samples for NLL, LR, LRatio, IC (paper: 20)
     lr_steps: int = 100  # Likelihood Regret: encoder re-optimisation steps per image
@@ -299,6 +321,9 @@ class Config(TrialConfig):
             (self.width >= 1 and self.latent_dim >= 1, "width and latent_dim must be >= 1"),
             (self.fisher_n >= 2, f"fisher_n must be >= 2, got {self.fisher_n}"),
             (self.damping >= 0, f"damping must be >= 0, got {self.damping}"),
+            (self.arch in ("dcgan_bn", "plain"), f"arch must be dcgan_bn or plain, got {self.arch!r}"),
+            (not (self.pad and self.resize), "pad and resize are exclusive: set resize=False to zero-pad"),
+            (self.rose_z in ("mean", "sample"), f"rose_z must be mean or sample, got {self.rose_z!r}"),
             (self.grad_batch is None or self.grad_batch >= 1, f"grad_batch must be >= 1, got {self.grad_batch}"),
             (self.iwae_k >= 1, f"iwae_k must be >= 1, got {self.iwae_k}"),
             (self.lr_steps >= 1 and self.lr_lr > 0, "lr_steps must be >= 1 and lr_lr > 0"),
@@ -316,13 +341,14 @@ class Config(TrialConfig):
         """The paper's VAE for ID images of this (C, H, W); ConfigError when it does not fit them."""
         c, h, _ = shape
         try:
-            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim)
+            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim, arch=self.arch)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
     def check_data(self, sets: SetInfos) -> None:
         super().check_data(sets)
-        self.vae_config(sets[(self.id, "train")].shape)
+        c, h, w = sets[(self.id, "train")].shape
+        self.vae_config((c, 32, 32) if self.resize else (c, h, w))
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -346,6 +372,9 @@ class Experiment(BaseExperiment[Config]):
 
     def __init__(self, cfg: Config):
         self.train_x = self.start(cfg).x
+        if cfg.resize:
+            self.train_x = data.resize(self.train_x, 32)
+            self.test = {k: replace(s, x=data.resize(s.x, 32)) for k, s in self.test.items()}
         t0 = time.perf_counter()
         try:
             self.model, self.history = ensure_vae(cfg, self.train_x, self.device)
@@ -362,6 +391,11 @@ class Experiment(BaseExperiment[Config]):
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)
         return torch.randn(n, *shape, self.cfg.latent_dim, generator=g).to(self.device)
 
+    def _rose_eps(self, n: int, salt: int) -> torch.Tensor:
+        """The ROSE gradient's noise: zeros for z = μ (``rose_z="mean"``), else one fixed sample per image."""
+        eps = self._eps(n, salt)
+        return torch.zeros_like(eps) if self.cfg.rose_z == "mean" else eps
+
     def score(self) -> Scores:
         cfg, model = self.cfg, self.model
         out: Scores = {name: {} for name in self.test}
@@ -371,11 +405,11 @@ class Experiment(BaseExperiment[Config]):
             t0 = time.perf_counter()
             order = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(cfg.seed + 7))[: cfg.fisher_n]
             fx = self.train_x[order.to(self.device)]
-            fits = fit_rose(model, fx, self._eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping)
+            fits = fit_rose(model, fx, self._rose_eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping, cfg.damping_relative)
             self.timings["rose_fit_s"] = time.perf_counter() - t0
             t0, n = time.perf_counter(), 0
             for name, s in self.test.items():
-                r = rose_scores(model, s.x, self._eps(len(s), 2), fits, cfg.grad_batch)
+                r = rose_scores(model, s.x, self._rose_eps(len(s), 2), fits, cfg.grad_batch)
                 n += len(s)
                 for k, v in r.items():
                     if f"rose_{k}" in cfg.scores:
