@@ -204,6 +204,13 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
     return train, tests
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backpropagate, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 class EpochMeans:
     """Running means of a training step's loss parts over one epoch.
 
@@ -272,13 +279,18 @@ class Experiment(abc.ABC, Generic[C]):
     def train_epoch(self) -> dict[str, float]:
         """One epoch of training; returns the mean of each loss part (``shuffled_epoch`` helps)."""
 
-    def shuffled_epoch(self, step: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, float]:
+    def shuffled_epoch(self, step: Callable[[torch.Tensor], dict[str, Any]],
+                       opt: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """One shuffled pass over ``self.train_x`` in ``cfg.batch_size`` batches, the order drawn from
-        ``self.gen``: ``step(idx)`` trains on one batch and returns its loss parts; returns their means."""
+        ``self.gen``: ``step(idx)`` returns one batch's loss parts, and with ``opt`` given the pass
+        descends on ``parts["loss"]`` (without, ``step`` makes its own updates); returns their means."""
         means = EpochMeans()
         for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen,
                                       device=self.device):
-            means.add(step(idx))
+            parts = step(idx)
+            if opt is not None:
+                descend(opt, parts["loss"])
+            means.add(parts)
         return means.means(self.epoch + 1)
 
     @abc.abstractmethod
@@ -295,6 +307,11 @@ class Experiment(abc.ABC, Generic[C]):
 
     def write_artifacts(self, folder: Path) -> None:
         """Optional: write method-specific files (figures, sample grids) for the final MLflow run."""
+
+    def score_generator(self) -> torch.Generator:
+        """A fresh generator for an evaluation's random draws (seed + 1): scores do not depend on
+        how many evaluations came before, so a resumed trial scores as an uninterrupted one."""
+        return torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
 
     def evaluate(self) -> tuple[dict[str, float], Scores]:
         scores = self.score()

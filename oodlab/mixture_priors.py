@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from oodlab.vae_math import kl_to_normal, log_normal
+
 FAMILIES = ("gaussian", "gen_gaussian")
 
 
@@ -100,9 +102,8 @@ class MixturePrior:
         """KL(q(z|x) || p_c) per row (B,): closed form for Gaussian components, else the
         one-sample estimate log q(z|x) − log p_c(z) at the reparameterized z."""
         if self.family == "gaussian":
-            return 0.5 * (logvar.exp() + (mu - self.means[comp]).pow(2) - 1.0 - logvar).sum(-1)
-        log_q = -0.5 * (logvar + (z - mu).pow(2) / logvar.exp() + math.log(2 * math.pi)).sum(-1)
-        return log_q - self.log_prob_assigned(z, comp)
+            return kl_to_normal(mu, logvar, self.means[comp])
+        return log_normal(z, mu, logvar) - self.log_prob_assigned(z, comp)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the component with the highest density at z: (B, D) -> (B,)."""
@@ -132,7 +133,3 @@ def _gamma_icdf(u: torch.Tensor, a: float) -> torch.Tensor:
 
     return torch.from_numpy(gammaincinv(a, u.cpu().numpy())).to(u.device)
 
-
-def standard_prior(dim: int, device: torch.device | str = "cpu") -> MixturePrior:
-    """N(0, I) as a one-component mixture."""
-    return MixturePrior.build("gaussian", 1, 0.0, dim, device=device)

@@ -18,6 +18,7 @@ AUROC on "overall", and the brightness AUROC mean / std are logged beside it.
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ def pretrain(fixed: dict) -> None:
     device = resolve_device(cfg.device)
     train, _ = load_sets(cfg, device)
     print(f"[rose] shared VAE: {cfg.vae_cache} ({len(train)} images, {cfg.epochs} epochs)", flush=True)
+    logging.basicConfig(format="[%(name)s] %(message)s")  # the VAE's per-epoch progress lines
+    logging.getLogger("oodlab.methods.rose").setLevel(logging.INFO)
     ensure_vae(cfg, train.x, device)
 
 

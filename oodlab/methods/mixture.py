@@ -26,7 +26,6 @@ MNIST's mean NLL). ``components=1`` is the standard-prior baseline.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,22 @@ import numpy as np
 import torch
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, auto_arch, labels_of, require, set_key
+from oodlab.experiment import (
+    ConfigError,
+    Scores,
+    SetInfos,
+    TrialConfig,
+    auto_arch,
+    labels_of,
+    require,
+    set_key,
+)
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.mixture_priors import FAMILIES, MixturePrior, check_components
 from oodlab.models import glow
 from oodlab.models.mixture_vae import ARCHS, CatVAE, CatVAEConfig
 from oodlab.plots import pyplot
-from oodlab.priors import log_normal
-from oodlab.scores import reparameterize
+from oodlab.vae_math import bits_per_dim, iwae_log_weights, log_mean_exp, reparameterize, sample_k
 
 MODELS = ("vae", "glow")
 ASSIGNMENTS = ("labels", "kmeans")
@@ -87,7 +94,7 @@ def glow_loss(model: glow.Glow, prior: MixturePrior, x: torch.Tensor, comp: torc
     ``bpd`` is the same in bits per dimension. x: uint8 (B, C, H, W)."""
     z, logdet = model(glow.dequantize(x))
     nll = -glow.log_px(prior.log_prob_assigned(z, comp), logdet, model.dims).mean()
-    return {"loss": nll, "bpd": nll / (model.dims * math.log(2)), "logdet": logdet.mean()}
+    return {"loss": nll, "bpd": bits_per_dim(nll, model.dims), "logdet": logdet.mean()}
 
 
 @torch.no_grad()
@@ -110,15 +117,10 @@ def is_log_likelihood(model: CatVAE, prior: MixturePrior, x: torch.Tensor, k: in
     for i in range(0, len(x), group):
         xb = x[i : i + group]
         mu, logvar = model.encode(xb)
-        b, d = mu.shape
-        mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (b·k, D)
-        z = reparameterize(mu_k, logvar_k, generator)
-        log_w = (
-            model.log_px(xb.repeat_interleave(k, 0), model.decode(z))
-            + prior.log_prob(z)
-            - log_normal(z, mu_k, logvar_k)
-        )
-        out.append(torch.logsumexp(log_w.view(b, k), dim=1) - math.log(k))
+        z, mu_k, logvar_k = sample_k(mu, logvar, k, generator)
+        log_px = model.log_px(xb.repeat_interleave(k, 0), model.decode(z))
+        log_w = iwae_log_weights(log_px, z, mu_k, logvar_k, log_pz=prior.log_prob(z))
+        out.append(log_mean_exp(log_w.view(len(xb), k), dim=1))
     return torch.cat(out)
 
 
@@ -286,20 +288,15 @@ class Experiment(BaseExperiment[Config]):
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             if isinstance(model, glow.Glow):
-                parts = glow_loss(model, self.prior, self.train_x[idx], self.comp[idx])
-            else:
-                parts = loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
-            self.opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            self.opt.step()
-            return parts
+                return glow_loss(model, self.prior, self.train_x[idx], self.comp[idx])
+            return loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
 
-        return self.shuffled_epoch(step)
+        return self.shuffled_epoch(step, self.opt)
 
     @torch.no_grad()
     def score(self) -> Scores:
         self.model.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        gen = self.score_generator()
         out, comps, axis0 = {}, {}, {}
         for name, s in self.test.items():
             nll, mus = [], []

@@ -49,8 +49,8 @@ from oodlab.experiment import (
 )
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
-from oodlab.priors import kl_to_normal, log_normal
-from oodlab.scores import elbo_terms, reparameterize, score_batch
+from oodlab.scores import elbo_terms, score_batch
+from oodlab.vae_math import iwae_log_weights, kl_to_normal, sample_k
 
 NEGATIVES = ("none", "aux", "gaussian_noise", "uniform_noise", "random", "inlier_noise", "adversarial")
 SYNTHETIC = ("gaussian_noise", "uniform_noise")  # negatives loaded as fixed sets from oodlab.data
@@ -68,16 +68,9 @@ def eubo(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None 
     exponentiates a raw log-weight. It is ≥ the IWAE bound on the same samples.
     """
     mu, logvar = model.encode(x)
-    b = mu.shape[0]
-    mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (B·k, D)
-    z = reparameterize(mu_k, logvar_k, generator)
-    zeros = torch.zeros_like(z)
-    log_w = (
-        model.log_px(x.repeat_interleave(k, 0), model.decode(z))
-        + log_normal(z, zeros, zeros)
-        - log_normal(z, mu_k, logvar_k)
-    )
-    log_w = log_w.view(b, k)
+    z, mu_k, logvar_k = sample_k(mu, logvar, k, generator)
+    log_w = iwae_log_weights(model.log_px(x.repeat_interleave(k, 0), model.decode(z)), z, mu_k, logvar_k)
+    log_w = log_w.view(len(x), k)
     return (torch.softmax(log_w, dim=1) * log_w).sum(1)
 
 
@@ -286,23 +279,19 @@ class Experiment(BaseExperiment[Config]):
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = data.to_float(self.train_x[idx])
-            if cfg.negatives == "adversarial":
+            if cfg.negatives == "adversarial":  # two optimisers: the step makes its own updates
                 assert self.opt_dec is not None  # built for the adversarial scheme in __init__
                 return adversarial_step(
                     model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg
                 )
-            parts = loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
-            self.opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            self.opt.step()
-            return parts
+            return loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
 
-        return self.shuffled_epoch(step)
+        return self.shuffled_epoch(step, None if cfg.negatives == "adversarial" else self.opt)
 
     @torch.no_grad()
     def score(self) -> Scores:
         self.model.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        gen = self.score_generator()
         return score_sets(
             self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
         )

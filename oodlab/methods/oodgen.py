@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, labels_of, require, score_sets
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, descend, labels_of, require, score_sets
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
@@ -342,9 +342,7 @@ class Experiment(BaseExperiment[Config]):
             for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
                 x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
                 loss = -self.cvae.elbo_terms(x, y, self.gen, sample=self.cfg.cvae_sample)["elbo"].mean()
-                self.cvae_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.cvae_opt.step()
+                descend(self.cvae_opt, loss)
                 total, n = total + loss.item(), n + 1
         self.cvae.eval()
         self.latents = fit_latent_gaussians(self.encode_means(), self.train_y, self.n, self.cfg.quantile)
@@ -389,9 +387,7 @@ class Experiment(BaseExperiment[Config]):
         return out
 
     def _update(self, key: str, loss: torch.Tensor) -> float:
-        self.opt[key].zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt[key].step()
+        descend(self.opt[key], loss)
         return loss.item()
 
     def step_n1(self, x: torch.Tensor, y: torch.Tensor, x_ood: torch.Tensor) -> float:
@@ -411,13 +407,9 @@ class Experiment(BaseExperiment[Config]):
         ones, zeros = torch.ones(b, device=self.device), torch.zeros(b, device=self.device)
         d_loss = F.binary_cross_entropy_with_logits(self.gan_d(x), ones) + \
             F.binary_cross_entropy_with_logits(self.gan_d(fake.detach()), zeros)
-        self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
+        descend(self.d_opt, d_loss)
         g_loss = F.binary_cross_entropy_with_logits(self.gan_d(fake), ones) + beta * cb.kl_to_uniform(clf(fake)).mean()
-        self.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.g_opt.step()
+        descend(self.g_opt, g_loss)
         c_loss = F.cross_entropy(clf(x), y) + beta * cb.kl_to_uniform(clf(fake.detach())).mean()
         return {"loss_conf": self._update("conf", c_loss), "loss_gan_d": d_loss.item(), "loss_gan_g": g_loss.item()}
 

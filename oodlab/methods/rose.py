@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -37,8 +38,10 @@ from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, metric
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+from oodlab.vae_math import kl_to_normal, reparameterize
 
 PRECONDITIONERS = ("diag", "ekfac")
+log = logging.getLogger(__name__)
 SCORES = ("rose", "rose_diag", "rose_ekfac", "nll", "lr", "lratio", "ic_png", "ic_jp2", "rnd")
 
 # ---------------------------------------------------------------- per-sample gradients
@@ -56,8 +59,8 @@ def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tupl
     if model.training and model.has_bn:
         raise RuntimeError("per-sample gradients need the VAE in eval mode (BatchNorm couples a batch in train mode)")
     mu, logvar, inputs, preacts = model.encode_with_preacts(x)
-    z = mu + eps * (0.5 * logvar).exp()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    z = reparameterize(mu, logvar, eps=eps)
+    kl = kl_to_normal(mu, logvar)
     loss = (kl - model.log_px(x, model.decode(z))).sum()
     deltas = torch.autograd.grad(loss, preacts)
     out = []
@@ -72,11 +75,6 @@ def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tupl
 def grads_from_terms(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """G_n = Σ_t δ_{n,t} h_{n,t}ᵀ: (B, C_out, Din), the layout of ``conv.weight.flatten(1)`` (+ bias column)."""
     return torch.einsum("blo,bli->boi", d, p)
-
-
-def per_sample_grads(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample −ELBO gradients of the encoder conv weights, each (B, C_out, C_in·k·k)."""
-    return [grads_from_terms(p, d) for p, d in layer_terms(model, x, eps)]
 
 
 # ---------------------------------------------------------------- preconditioners
@@ -101,12 +99,6 @@ def eigenbasis(a: torch.Tensor) -> torch.Tensor:
 def projected_grads(p: torch.Tensor, d: torch.Tensor, u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
     """U_Bᵀ G_n U_A = Σ_t (U_Bᵀ δ_t)(U_Aᵀ h_t)ᵀ: project the factors first (B·L·Din² instead of B·Cout·Din²)."""
     return grads_from_terms(p @ u_a, d @ u_b)
-
-
-def ekfac_dense(u_a: torch.Tensor, u_b: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The dense EKFAC Fisher (U_A ⊗ U_B) diag(Σ) (U_A ⊗ U_B)ᵀ in row-major vec(G) order (for tests)."""
-    u = torch.kron(u_b, u_a)  # vec(U_Bᵀ G U_A) = (U_B ⊗ U_A)ᵀ vec(G) for row-major vec
-    return u @ torch.diag(sigma.flatten()) @ u.T
 
 
 def quad(g: torch.Tensor, fisher: torch.Tensor, damping: float, relative: bool = False) -> torch.Tensor:
@@ -231,7 +223,7 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
             nb += 1
         sched.step()
         history.append(float(tot) / nb)
-        print(f"[rose] VAE epoch {epoch + 1}/{epochs}: {history[-1]:.4f} nats/dim, {time.perf_counter() - t0:.0f} s", flush=True)
+        log.info("VAE epoch %d/%d: %.4f nats/dim, %.0f s", epoch + 1, epochs, history[-1], time.perf_counter() - t0)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"VAE loss became {history[-1]}; try a smaller lr")
     model.eval()
