@@ -71,7 +71,7 @@ def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float
         run(spec, args)
         t_study = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for shift in spec.space["shift"]:
+    for shift in spec.grid["shift"].grid("shift"):
         run_trial({**spec.fixed, "shift": shift, "seed": 0, "device": "cpu"})
     return t_study, time.perf_counter() - t0
 

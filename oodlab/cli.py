@@ -5,6 +5,10 @@
     oodlab list [--storage DIR]                # studies and their progress (Optuna + MLflow)
     oodlab report STUDY [--storage DIR]        # mean (sd) AUROC table over seeds, logged to MLflow
     oodlab ui [--storage DIR] [--port 5000]    # MLflow UI on 127.0.0.1
+    oodlab export STUDY DIR [--storage DIR]    # copy a study's Optuna trials, MLflow runs + artifacts to DIR
+
+list/report/ui/export read the stores a study used: --optuna-storage URL and --mlflow-uri URI
+(defaults: $OODLAB_OPTUNA_STORAGE / $MLFLOW_TRACKING_URI, else the sqlite files under --storage).
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ import runpy
 import sys
 from pathlib import Path
 
+from oodlab import stores
+
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+class BadName(ValueError):
+    """A study or file name the command does not know; one line on stderr, exit 2."""
 
 
 def study_path(name: str) -> Path:
@@ -25,8 +35,16 @@ def study_path(name: str) -> Path:
     p = STUDIES / f"{name.removesuffix('.py')}.py"
     if not p.exists():
         known = sorted(f.stem for f in STUDIES.glob("*.py"))
-        raise SystemExit(f"error: unknown study {name!r}; known: {', '.join(known)}")
+        raise BadName(f"unknown study {name!r}; known: {', '.join(known)}")
     return p
+
+
+def known_studies(mlflow_uri: str) -> list[str]:
+    """Names of the studies (MLflow experiments) in a tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    return sorted(e.name for e in client.search_experiments() if e.name != "Default")
 
 
 def run_study(name: str, args: list[str]) -> int:
@@ -39,15 +57,15 @@ def run_study(name: str, args: list[str]) -> int:
     return 0
 
 
-def list_studies(storage: Path) -> int:
+def list_studies(storage: Path, optuna_url: str | None = None) -> int:
     import optuna
 
     db = storage / "optuna.db"
-    if not db.exists():
+    if not optuna_url and not db.exists():
         print(f"no studies under {storage} (looked for {db})")
         return 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{db.resolve()}"
+    url = stores.optuna_storage(stores.optuna_url(optuna_url, storage))
     print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'best':>8}  {'resumable':9}")
     for s in optuna.get_all_study_summaries(url):
         trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
@@ -58,15 +76,20 @@ def list_studies(storage: Path) -> int:
     return 0
 
 
-def optuna_summary(storage: Path, study: str, top: int = 5) -> str:
+def optuna_summary(storage: Path, study: str, top: int = 5, optuna_url: str | None = None) -> str:
     """Best trials and (with enough finished trials) Optuna's parameter importances."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = optuna.load_study(study_name=study, storage=f"sqlite:///{(storage / 'optuna.db').resolve()}")
+    s = optuna.load_study(study_name=study, storage=stores.optuna_storage(stores.optuna_url(optuna_url, storage)))
     done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return "(no finished trials in Optuna)"
+    if len(s.directions) > 1:  # multi-objective: the Pareto front
+        lines = [f"### Pareto front ({', '.join(d.name.lower() for d in s.directions)}, {len(done)} finished)", "",
+                 "| trial | values | params |", "|---|---|---|"]
+        lines += [f"| {t.number} | {', '.join(f'{v:.4f}' for v in t.values)} | {t.params} |" for t in s.best_trials]
+        return "\n".join(lines)
     sign = -1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     lines = [f"### Best trials ({s.direction.name.lower()}, {len(done)} finished)", "",
              "| trial | value | params |", "|---|---|---|"]
@@ -82,31 +105,47 @@ def optuna_summary(storage: Path, study: str, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def report_study(storage: Path, study: str) -> int:
+def report_study(storage: Path, study: str, optuna_url: str | None = None, mlflow_uri: str | None = None) -> int:
     from oodlab import report
 
-    if not (storage / "mlflow.db").exists():
+    if not mlflow_uri and not (storage / "mlflow.db").exists():
         print(f"error: no results under {storage} (looked for {storage / 'mlflow.db'})", file=sys.stderr)
         return 2
-    print(report.report(storage, study))
+    known = known_studies(mlflow_uri or stores.default_mlflow_uri(storage))
+    if study not in known:
+        raise BadName(f"no study {study!r} under {mlflow_uri or storage}; known: {', '.join(known) or '(none)'}")
+    print(report.report(storage, study, mlflow_uri=mlflow_uri))
     print()
-    print(optuna_summary(storage, study))
+    print(optuna_summary(storage, study, optuna_url=optuna_url))
     return 0
 
 
-def ui(storage: Path, port: int, host: str) -> int:
-    uri = f"sqlite:///{(storage / 'mlflow.db').resolve()}"
-    if not (storage / "mlflow.db").exists():
+def ui(storage: Path, port: int, host: str, mlflow_uri: str | None = None) -> int:
+    if mlflow_uri and mlflow_uri.startswith(("http:", "https:")):
+        print(f"[oodlab] {stores.redact(mlflow_uri)} is a tracking server: open it in a browser")
+        return 0
+    uri = mlflow_uri or stores.default_mlflow_uri(storage)
+    if not mlflow_uri and not (storage / "mlflow.db").exists():
         print(f"error: no MLflow store at {storage / 'mlflow.db'}; run a study first", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # --artifacts-destination serves the mlflow-artifacts:/ runs of an `oodlab export` folder
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--artifacts-destination", str((storage / "mlartifacts").resolve())]
     print("[oodlab] " + " ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point; a bad study name is one line on stderr and exit code 2."""
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except BadName as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("run", "resume"):  # pass every flag through to the study file
         if len(argv) < 2:
             raise SystemExit(f"usage: oodlab {argv[0]} STUDY [flags]")
@@ -115,20 +154,49 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("run", "resume"):
         sub.add_parser(name, help=f"{name} a study file from studies/ (flags pass through)")
-    for name in ("list", "report", "ui"):
+    for name in ("list", "report", "ui", "export"):
         q = sub.add_parser(name)
         q.add_argument("--storage", default="oodlab-results", type=Path, help="results root (default ./oodlab-results)")
-        if name == "report":
+        q.add_argument("--optuna-storage", default=os.environ.get("OODLAB_OPTUNA_STORAGE") or None,
+                       help="Optuna storage URL the study used (default: <storage>/optuna.db)")
+        q.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                       help="MLflow tracking URI the study used (default: <storage>/mlflow.db)")
+        if name in ("report", "export"):
             q.add_argument("study", help="study name (as in `oodlab list`)")
+        if name == "export":
+            q.add_argument("dir", type=Path, help="folder to create (`oodlab ui --storage DIR` opens it)")
         if name == "ui":
             q.add_argument("--port", type=int, default=5000)
             q.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     a = p.parse_args(argv)
-    if a.cmd == "list":
-        return list_studies(a.storage)
-    if a.cmd == "report":
-        return report_study(a.storage, a.study)
-    return ui(a.storage, a.port, a.host)
+    try:
+        for url in (a.optuna_storage, a.mlflow_uri):
+            if url:  # one line and exit 2 for a bad or unreachable store, not a traceback
+                stores.check_reachable(stores.optuna_url(url, a.storage) if url is a.optuna_storage else url)
+        if a.cmd == "list":
+            return list_studies(a.storage, a.optuna_storage)
+        if a.cmd == "report":
+            return report_study(a.storage, a.study, a.optuna_storage, a.mlflow_uri)
+        if a.cmd == "export":
+            return export(a.storage, a.study, a.dir, a.optuna_storage, a.mlflow_uri)
+    except stores.StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return ui(a.storage, a.port, a.host, a.mlflow_uri)
+
+
+def export(storage: Path, study: str, out: Path, optuna_url: str | None, mlflow_uri: str | None) -> int:
+    from oodlab.export import ExportError, export_study
+
+    try:
+        done = export_study(study, out, stores.optuna_url(optuna_url, storage),
+                            mlflow_uri or stores.default_mlflow_uri(storage))
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[oodlab] exported {study}: {done.optuna_trials} Optuna trials, {done.mlflow_runs} MLflow runs, "
+          f"{done.artifact_files} artifact files -> {out}\n[oodlab] open it: oodlab ui --storage {out}")
+    return 0
 
 
 if __name__ == "__main__":

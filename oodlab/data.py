@@ -62,13 +62,14 @@ class ImageSet:
 
 _IDX = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "notmnist": "notMNIST"}
 _TV = {"emnist_letters": "EMNIST/raw", "kmnist": "KMNIST/raw", "cifar10": "cifar-10-batches-py", "svhn": "svhn"}
-_SYNTH = ("gaussian_noise", "uniform_noise", "constant")
+_SYNTH = ("gaussian_noise", "uniform_noise", "constant", "blobs")
 _NAMES = sorted([*_IDX, *_TV, *_SYNTH, "omniglot", "overall"])
 _MODS = ("labels", "n", "channels", "size", "brightness")
 OVERALL = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant")  # paper 004 §5.1
 OVERALL_OPTIONAL = ("kmnist", "cifar10[channels=1,size=28]", "svhn[channels=1,size=28]")  # when on disk
 OVERALL_EACH = 1000
 _SYNTH_N = 10_000
+HOLDOUT_SEED = 12345  # fixed, not the trial seed: every trial of a study validates on the same images
 _FIX = ("Set OODLAB_DATA_DIR to a folder with the torchvision layout (e.g. ../shared/data), "
         "or run on a machine with internet.")
 
@@ -175,6 +176,23 @@ def split_specs(text: str) -> list[str]:
             cur += ch
     out.append(cur.strip())
     return [s for s in out if s]
+
+
+def sources(spec: str) -> set[tuple[str, tuple[int, ...] | None]]:
+    """The underlying datasets of a spec as (source, labels or None): ``overall`` expands to its
+    parts, ``npz:`` to its resolved path; n/channels/size/brightness do not change the source."""
+    name, path, mods = _parse(spec)
+    if name == "overall":
+        return set().union(*(sources(s) for s in (*OVERALL, *OVERALL_OPTIONAL)))
+    return {(f"npz:{path.resolve()}" if path is not None else name, mods.get("labels"))}
+
+
+def share_source(a: str, b: str) -> bool:
+    """Whether specs ``a`` and ``b`` can hold images of one distribution: a common source whose
+    label sets are not both given and disjoint (``mnist[brightness=2]`` shares mnist; ``fashion_mnist[labels=0]``
+    and ``fashion_mnist[labels=1]`` do not share)."""
+    return any(sa == sb and (la is None or lb is None or bool(set(la) & set(lb)))
+               for sa, la in sources(a) for sb, lb in sources(b))
 
 
 def validate(spec: str) -> None:
@@ -289,7 +307,23 @@ def _synthetic(name: str, split: str, n: int, c: int, size: int) -> torch.Tensor
         return (torch.randn(shape, generator=g) * 0.25 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
     if name == "uniform_noise":
         return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    if name == "blobs":
+        return _blobs(shape, g)
     return torch.randint(0, 256, (n, 1, 1, 1), generator=g, dtype=torch.uint8).expand(shape).contiguous()
+
+
+def _blobs(shape: tuple[int, int, int, int], g: torch.Generator) -> torch.Tensor:
+    """Amorphous binary shapes with sharp edges, the "Blobs" validation-OOD set of Hendrycks et al.
+    (Outlier Exposure, ICLR 2019, App. B): Bernoulli(0.7) pixels, Gaussian blur (σ = 1.5 px),
+    thresholded at 0.75. Simple images like these get high likelihood under image VAEs."""
+    n, c, h, w = shape
+    x = torch.bernoulli(torch.full((n * c, 1, h, w), 0.7), generator=g)
+    r = torch.arange(-4, 5, dtype=torch.float32)
+    k = torch.exp(-r.pow(2) / (2 * 1.5**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (4, 4, 0, 0), mode="reflect"), k.view(1, 1, 1, 9))
+    x = F.conv2d(F.pad(x, (0, 0, 4, 4), mode="reflect"), k.view(1, 1, 9, 1))
+    return (x >= 0.75).to(torch.uint8).mul(255).view(n, c, h, w).contiguous()
 
 
 def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -400,6 +434,22 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
         top, left = (pad_to - h) // 2, (pad_to - w) // 2
         x = F.pad(x, (left, pad_to - w - left, top, pad_to - h - top))
     return ImageSet(x.contiguous().to(device), None if y is None else y.to(device), spec)
+
+
+def holdout(s: ImageSet, n: int) -> tuple[ImageSet, ImageSet]:
+    """Split ``s`` into (rest, held out): ``n`` images drawn with the fixed ``HOLDOUT_SEED``, so the
+    held-out part depends only on the set and ``n``; the rest keeps its original order."""
+    if not 1 <= n < len(s):
+        raise DataError(f"{s.name}: cannot hold out {n} of its {len(s)} images (need 1 <= n < {len(s)})")
+    order = torch.randperm(len(s), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).to(s.x.device)
+    held = order[:n]
+    keep = torch.ones(len(s), dtype=torch.bool, device=s.x.device)
+    keep[held] = False
+
+    def part(idx: torch.Tensor) -> ImageSet:
+        return ImageSet(s.x[idx].contiguous(), None if s.y is None else s.y[idx], s.name)
+
+    return part(keep.nonzero().squeeze(1)), part(held)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

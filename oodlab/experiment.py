@@ -27,7 +27,8 @@ import torch
 from oodlab import data
 from oodlab.metrics import METRICS, ood_metrics
 
-Scores = dict[str, dict[str, np.ndarray]]  # {"id" | ood_key: {score_name: (N,) array}}
+Scores = dict[str, dict[str, np.ndarray]]  # {"id" | ood_key | "val_id" | "val_"+val_key: {score_name: (N,) array}}
+VAL = "val_"  # prefix of validation sets' score keys and metric names
 SetInfos = dict[tuple[str, str], data.SetInfo]  # (spec, split) -> size, (C, H, W) and labels as loaded
 
 
@@ -53,8 +54,15 @@ class TrialConfig:
     # --- data ---
     id: str = "fashion_mnist"  # in-distribution set (train split for training, test split for scoring)
     ood: tuple[str, ...] = ("mnist",)  # OOD test sets, each scored and reported on its own
-    train_n: int | None = None  # use only this many ID training images (None = all)
-    test_n: int | None = None  # score only this many images of each test set (None = all)
+    # Validation (model selection): val_n ID *training* images are held out (never trained on,
+    # drawn with a fixed seed before train_n subsetting) and scored against each val_ood set
+    # (test_n caps every scored set, validation ones included). val_ood must share no source with
+    # the ID set, a test OOD set or a set the method trains on (``training_sets``); see README
+    # "Validation protocol".
+    val_n: int = 5000  # of Fashion-MNIST's 60,000 training images
+    val_ood: tuple[str, ...] = ("blobs", "constant")  # validation OOD sets (comma string accepted)
+    train_n: int | None = None  # use only this many ID training images (None = all; after the holdout)
+    test_n: int | None = None  # score only this many images of each set, test and validation (None = all)
     pad: bool = False  # zero-pad 28×28 to 32×32, as paper 000 does
     # --- optimisation ---
     epochs: int = 100
@@ -68,11 +76,13 @@ class TrialConfig:
     fail_at_epoch: int | None = None  # fault injection (tests): the loss "diverges" at this epoch
 
     def __post_init__(self) -> None:
-        raw: str | tuple[str, ...] = self.ood  # a comma-separated string from the command line or MLflow
-        ood = data.split_specs(raw) if isinstance(raw, str) else list(raw)
-        object.__setattr__(self, "ood", tuple(ood))
+        for name in ("ood", "val_ood"):
+            specs = getattr(self, name)
+            object.__setattr__(self, name, tuple(data.split_specs(specs) if isinstance(specs, str) else specs))
         require([
             (len(self.ood) > 0, "ood: give at least one OOD set"),
+            (len(self.val_ood) > 0, "val_ood: give at least one validation OOD set"),
+            (self.val_n >= 1, f"val_n must be >= 1 (ID training images held out for validation), got {self.val_n}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}"),
@@ -88,24 +98,52 @@ class TrialConfig:
                 data.validate(spec)
             except data.DataError as e:
                 raise ConfigError(str(e)) from None
-        keys = [set_key(s) for s in self.ood]
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"OOD sets must have distinct names, got {keys}")
+        for name, specs in (("OOD", self.ood), ("validation OOD", self.val_ood)):
+            keys = [set_key(s) for s in specs]
+            if len(set(keys)) != len(keys):
+                raise ConfigError(f"{name} sets must have distinct names, got {keys}")
+            if any(k == "id" or k.startswith(VAL) for k in keys):
+                raise ConfigError(f"{name} set names may not be 'id' or start with {VAL!r}, got {keys}")
+        self.check_validation_disjoint()
+
+    def training_sets(self) -> list[str]:
+        """Specs of the non-ID sets the method trains on (e.g. negatives); validation must avoid them."""
+        return []
+
+    def check_validation_disjoint(self) -> None:
+        """ConfigError if a validation OOD set shares a source with the ID set, a test OOD set or a
+        set the method trains on: selecting on it would select on the test (or on training data)."""
+        others = [("the ID set", self.id)] + [("test OOD set", o) for o in self.ood] + \
+            [("training set", t) for t in self.training_sets()]
+        for v in self.val_ood:
+            for what, o in others:
+                if data.share_source(v, o):
+                    raise ConfigError(f"validation OOD set {v!r} shares its source with {what} {o!r}; choose "
+                                      "val_ood disjoint from the test and training sets (README: Validation protocol)")
 
     def data_requests(self) -> list[tuple[str, str]]:
         """(spec, split) of every set the trial loads; the runner loads each once up front."""
-        return [(self.id, "train"), (self.id, "test"), *[(o, "test") for o in self.ood]]
+        return [(self.id, "train"), (self.id, "test"), *[(o, "test") for o in (*self.ood, *self.val_ood)]]
 
     def metric_names(self) -> list[str]:
-        """Every flat metric the trial reports at an evaluation."""
-        return [metric_name(m, o, s) for o in self.ood for s in self.score_names() for m in METRICS]
+        """Every flat metric the trial reports at an evaluation: test, validation, and the ID-validation means."""
+        scores = self.score_names()
+        return [metric_name(m, o, s, split) for split, sets in (("test", self.ood), ("val", self.val_ood))
+                for o in sets for s in scores for m in METRICS] + [val_id_name(s) for s in scores]
+
+    def check_sizes(self, sizes: dict[tuple[str, str], int]) -> None:
+        """Check set sizes before any compute; ``sizes``: (spec, split) -> number of images. Raise ConfigError."""
+        n = sizes[(self.id, "train")]
+        if self.val_n >= n:
+            raise ConfigError(f"val_n={self.val_n} but the ID training set {self.id!r} has only {n} images; "
+                              f"hold out fewer (val_n < {n})")
 
     def check_data(self, sets: SetInfos) -> None:
         """Check the method fits the data before any compute; ``sets``: (spec, split) -> SetInfo of
         every set in ``data_requests()`` as loaded (after padding). Raise ConfigError. The runner
         calls it for every config before Ray starts; methods extend it with their model's checks."""
         train = sets[(self.id, "train")].shape
-        for spec in (self.id, *self.ood):
+        for spec in (self.id, *self.ood, *self.val_ood):
             same_shape(spec, sets[(spec, "test")].shape, train)
 
     def score_names(self) -> tuple[str, ...]:
@@ -124,6 +162,7 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ood"] = ",".join(self.ood)
+        d["val_ood"] = ",".join(self.val_ood)
         return d
 
 
@@ -135,18 +174,38 @@ def set_key(spec: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", spec).strip("_").lower()
 
 
-def metric_name(metric: str, ood: str, score: str) -> str:
-    """Flat name of one number of the metric table, e.g. ``auroc_mnist_bpd``."""
-    return f"{metric}_{set_key(ood)}_{score}"
+def metric_name(metric: str, ood: str, score: str, split: str = "test") -> str:
+    """Flat name of one number of the metric table: ``auroc_mnist_bpd`` (ID test vs a test OOD set)
+    or, with split="val", ``val_auroc_blobs_bpd`` (ID validation vs a validation OOD set)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be test or val, got {split!r}")
+    return f"{VAL if split == 'val' else ''}{metric}_{set_key(ood)}_{score}"
 
 
-def metric_table(scores: Scores, oods: tuple[str, ...]) -> dict[str, float]:
-    """Flat table ``{metric}_{ood}_{score}`` of ID-test vs each OOD set, for every score."""
+def val_id_name(score: str) -> str:
+    """Name of the mean score of the ID validation images, e.g. ``val_id_bpd`` (a second objective)."""
+    return f"{VAL}id_{score}"
+
+
+def is_val_metric(name: str) -> bool:
+    """Whether a flat metric name is measured on validation sets (and may be used for selection)."""
+    return name.startswith(VAL)
+
+
+def score_key(spec: str, split: str = "test") -> str:
+    """Key of a set in ``Scores``: ``mnist`` for a test OOD set, ``val_blobs`` for a validation one."""
+    return (VAL if split == "val" else "") + set_key(spec)
+
+
+def metric_table(scores: Scores, oods: tuple[str, ...], split: str = "test") -> dict[str, float]:
+    """Flat table of ID vs each OOD set for every score: ID test vs test sets (``{metric}_{ood}_{score}``),
+    or with split="val" ID validation vs validation sets (``val_{metric}_{ood}_{score}``)."""
+    ref = scores["id" if split == "test" else VAL + "id"]
     table = {}
     for spec in oods:
-        for score_name, s_out in scores[set_key(spec)].items():
-            for m, v in ood_metrics(scores["id"][score_name], s_out).items():
-                table[metric_name(m, spec, score_name)] = v
+        for score_name, s_out in scores[score_key(spec, split)].items():
+            for m, v in ood_metrics(ref[score_name], s_out).items():
+                table[metric_name(m, spec, score_name, split)] = v
     return table
 
 
@@ -162,6 +221,12 @@ def labels_of(spec: str, info: data.SetInfo, method: str) -> tuple[int, ...]:
     if not info.classes:
         raise ConfigError(f"ID set {spec!r} has no labels; {method} needs them")
     return info.classes
+
+
+def evaluation_table(scores: Scores, cfg: TrialConfig) -> dict[str, float]:
+    """Test and validation metric tables plus ``val_id_{score}`` (mean score of the ID validation images)."""
+    val_id = {val_id_name(k): float(np.mean(v)) for k, v in scores[VAL + "id"].items()}
+    return {**metric_table(scores, cfg.ood), **metric_table(scores, cfg.val_ood, "val"), **val_id}
 
 
 def auto_arch(arch: str, channels: int) -> str:
@@ -189,16 +254,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _head(s: data.ImageSet, n: int | None) -> data.ImageSet:
+    return s if n is None or n >= len(s) else data.ImageSet(s.x[:n], None if s.y is None else s.y[:n], s.name)
+
+
 def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, dict[str, data.ImageSet]]:
-    """ID train set and test sets {"id" | ood_key: ImageSet}, on device, subset per config."""
+    """ID training set and every scored set, on device: ``{"id" | ood_key: ...}`` (test) and
+    ``{"val_id" | "val_"+val_key: ...}`` (validation). The ID validation images are held out of
+    the training split first (``data.holdout``), then the rest is cut to ``train_n``; every scored
+    set (test and validation, ID and OOD) is cut to ``test_n``."""
     pad_to = 32 if cfg.pad else None
 
     def load(spec: str, split: str, n: int | None) -> data.ImageSet:
-        s = data.load(spec, split, pad_to=pad_to, device=device)
-        return s if n is None or n >= len(s) else data.ImageSet(s.x[:n], None if s.y is None else s.y[:n], s.name)
+        return _head(data.load(spec, split, pad_to=pad_to, device=device), n)
 
-    train = load(cfg.id, "train", cfg.train_n)
-    tests = {"id": load(cfg.id, "test", cfg.test_n), **{set_key(o): load(o, "test", cfg.test_n) for o in cfg.ood}}
+    full = load(cfg.id, "train", None)
+    cfg.check_sizes({(cfg.id, "train"): len(full)})
+    rest, val_id = data.holdout(full, cfg.val_n)
+    train = _head(rest, cfg.train_n)
+    tests = {"id": load(cfg.id, "test", cfg.test_n),
+             **{score_key(o): load(o, "test", cfg.test_n) for o in cfg.ood},
+             VAL + "id": _head(val_id, cfg.test_n),
+             **{score_key(v, "val"): load(v, "test", cfg.test_n) for v in cfg.val_ood}}
     for name, s in tests.items():
         same_shape(name, s.shape, train.shape)
     return train, tests
@@ -268,11 +345,13 @@ class Experiment(abc.ABC, Generic[C]):
         """Load data (``self.start(cfg)``), build the model and optimisers; no training yet."""
 
     def start(self, cfg: C) -> data.ImageSet:
-        """Common start of a method's ``__init__``: config, device, seed, test sets on the
-        device (``self.test``); returns the ID training set."""
+        """Common start of a method's ``__init__``: config, device, seed, the sets to score on the
+        device (``self.eval_sets``: test and validation; ``self.test``: the test ones only);
+        returns the ID training set (validation images held out)."""
         self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
         torch.manual_seed(cfg.seed)
-        train, self.test = load_sets(cfg, self.device)
+        train, self.eval_sets = load_sets(cfg, self.device)
+        self.test = {k: v for k, v in self.eval_sets.items() if not k.startswith(VAL)}
         return train
 
     @abc.abstractmethod
@@ -295,7 +374,7 @@ class Experiment(abc.ABC, Generic[C]):
 
     @abc.abstractmethod
     def score(self) -> Scores:
-        """Scores of ``self.test`` (ID test and each OOD set), higher = more OOD."""
+        """Scores of every set in ``self.eval_sets`` (test and validation), keyed as there."""
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -314,8 +393,9 @@ class Experiment(abc.ABC, Generic[C]):
         return torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
 
     def evaluate(self) -> tuple[dict[str, float], Scores]:
+        """Score every set in ``self.eval_sets``; the test and validation tables (``evaluation_table``)."""
         scores = self.score()
-        return metric_table(scores, self.cfg.ood), scores
+        return evaluation_table(scores, self.cfg), scores
 
     def step(self) -> EpochResult:
         """Train one epoch, evaluate when due."""

@@ -21,15 +21,17 @@ def pyplot() -> Any:
 
 
 def roc_figure(scores: dict[str, dict[str, np.ndarray]], path: Path) -> None:
-    """One panel per score; one ROC curve per OOD set (OOD = positive)."""
+    """One panel per score; one ROC curve per OOD set (OOD = positive): test sets against the ID
+    test set (solid), validation sets (keys ``val_*``) against the ID validation set (dashed)."""
     plt = pyplot()
     names = list(scores["id"])
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
     for ax, score in zip(axes[0], names):
         for ood, d in scores.items():
-            if ood != "id":
-                fpr, tpr = roc(scores["id"][score], d[score])
-                ax.plot(fpr, tpr, label=ood)
+            if ood not in ("id", "val_id"):
+                ref = scores["val_id" if ood.startswith("val_") and "val_id" in scores else "id"]
+                fpr, tpr = roc(ref[score], d[score])
+                ax.plot(fpr, tpr, "--" if ood.startswith("val_") else "-", label=ood)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(title=f"ROC, score={score}", xlabel="FPR (ID flagged OOD)", ylabel="TPR (OOD flagged)")
         ax.legend(loc="lower right")

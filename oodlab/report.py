@@ -109,9 +109,11 @@ class Cell:
 
 # ---------------------------------------------------------------- reading MLflow
 
-def _client(storage: Path):
+def _client(storage: Path, mlflow_uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
+    if mlflow_uri:  # a database or tracking server (--mlflow-uri)
+        return MlflowClient(tracking_uri=mlflow_uri)
     db = Path(storage) / "mlflow.db"
     if not db.is_file():
         raise FileNotFoundError(f"no MLflow store at {db}; run a study with --storage {storage} first")
@@ -241,9 +243,9 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
-def report(storage: Path, study: str) -> str:
+def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
     """Aggregate a study's finished trials; log report.md/.csv/.png to its parent run; return the markdown."""
-    client = _client(Path(storage))
+    client = _client(Path(storage), mlflow_uri)
     trials, parent = load_trials(client, study)
     cells = aggregate(trials)
     md = to_markdown(cells, study)

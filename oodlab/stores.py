@@ -13,7 +13,12 @@ the defaults under ``--storage DIR`` and accept the same durable stores instead:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,66 @@ def optuna_storage(url: str) -> Any:
 def _engine_kwargs(url: str) -> dict[str, Any]:
     # Long studies: a server may drop idle connections between trials; ping before use.
     return {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+
+
+def check_reachable(url: str) -> None:
+    """Fail fast (before any compute) when a database server in ``url`` cannot be reached; writes nothing."""
+    if is_local_file_store(url) or url.split("://", 1)[0].split("+", 1)[0] not in RDB_SCHEMES:
+        return  # files are created by the study; tracking servers are checked by tracking.check_reachable
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(url))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot use this store"
+        raise StoreError(f"cannot reach the database at {redact(url)}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}") from None
+
+
+def _connect_timeout(url: str) -> dict[str, Any]:
+    return {"connect_timeout": 10} if url.startswith(("postgresql", "mysql")) else {}
+
+
+def redact(url: str) -> str:
+    """``url`` without a password (errors are printed and logged)."""
+    head, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    cred, _, host = rest.rpartition("@")
+    return f"{head}{sep}{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
+
+
+def study_exists(storage: Any, name: str) -> bool:
+    import optuna
+
+    return name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+
+
+@contextlib.contextmanager
+def creation_lock(uri: str) -> Iterator[None]:
+    """Serialise creating (and migrating) a store across processes on this machine.
+
+    Two drivers that open a fresh sqlite ``mlflow.db`` (or database) at once race in its alembic
+    migration and one dies; under this lock the second one finds the schema complete. sqlite:
+    a lock file beside the database; servers: a lock file per URL in the temp dir.
+    """
+    if uri.startswith("sqlite:///"):
+        lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    elif uri.startswith(JOURNAL_SCHEME):
+        yield  # the journal backend locks its own file
+        return
+    else:
+        digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
+        lock = Path(tempfile.gettempdir()) / f"oodlab-store-{digest}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_local_file_store(uri: str) -> bool:

@@ -1,54 +1,125 @@
-"""Study runner: wires a search space to the trainable with Ray Tune + Optuna + MLflow.
+"""Study files' shared entry: flags, the study spec, resolving it into a plan, validation.
 
-A study file (``studies/*.py``) builds a ``StudySpec`` from its flags and calls ``main``.
-Everything a study writes lives under ``--storage`` (default ``./oodlab-results``):
+A study file (``studies/*.py``) declares its paper's search space and grid as data
+(``oodlab.space``), builds a ``StudySpec`` from its flags and calls ``main``; ``resolve``
+applies the shared flags (``--sampler``, ``--space``, ``--set``, ``--target``, ``--seeds``…)
+and ``validate`` runs every check that can fail before Ray starts. ``oodlab.runner`` runs
+the resulting ``Plan``. Everything a study writes lives under ``--storage``:
 
     mlflow.db      MLflow tracking store (parent run per study, child run per trial)
-    mlartifacts/   MLflow artifacts (ROC / histogram PNGs, scores.npz, metrics.json)
+    mlartifacts/   MLflow artifacts (ROC / histogram PNGs, scores.npz, metrics.json, search plots)
     optuna.db      Optuna storage (study name = study file's stem)
     ray/<study>/   Ray Tune experiment state and trial checkpoints
+    asha/<study>.json  ASHA's rungs (with --scheduler asha), so a resume does not reset them
 
-Resume (``--resume``) restores the Tune experiment: finished trials are kept, interrupted
-ones continue from their last epoch checkpoint, Optuna and MLflow are not duplicated.
+unless ``--mlflow-uri``, ``--optuna-storage`` or ``--checkpoint-storage`` point elsewhere
+(databases, S3, NFS: ``oodlab.stores``). Ray: ``oodlab.ray_connect`` decides where to connect.
+
+Model selection uses validation metrics (``val_…``: held-out ID training images against
+validation OOD sets); test metrics are reported for every trial but are a target only with
+``--allow-test-target``, which the parent run records.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
+import dataclasses
+import logging
 import os
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oodlab import data, ray_connect, stores
-from oodlab.experiment import ConfigError
+from oodlab import data
+from oodlab.experiment import VAL, ConfigError, is_val_metric, metric_name
 from oodlab.registry import build_config
+from oodlab.space import (
+    Categorical,
+    Space,
+    SpaceError,
+    as_space,
+    coerce,
+    describe,
+    field_types,
+    grid_size,
+    grid_values,
+    parse_dimension,
+    split_assignment,
+    typed,
+)
 
-SAMPLERS = ("grid", "tpe", "random")
+SAMPLERS = ("grid", "tpe", "random", "cmaes")
+SCHEDULERS = ("fifo", "asha")
+VAL_PREFIX = VAL
+log = logging.getLogger("oodlab")
 
 
 class StudyError(RuntimeError):
     """A study that cannot start (bad flags, missing resources, existing results)."""
 
 
+class StudyInterrupted(RuntimeError):
+    """The study stopped early (Ctrl-C / SIGINT); its state is saved for ``--resume``."""
+
+
 @dataclass(frozen=True)
 class StudySpec:
-    name: str  # study name: MLflow experiment, Optuna study and Ray experiment folder
+    """What a study file declares. ``space``: the papers' ranges (searched by tpe, random,
+    cmaes); ``grid``: the paper's grid (the grid sampler; None = ``space``). Dimensions are
+    ``oodlab.space`` objects or lists (categorical). ``seed`` is added from ``--seeds``."""
+
+    name: str  # MLflow experiment, Optuna study and Ray experiment folder
     fixed: dict[str, Any]  # TrialConfig fields shared by every trial
-    space: dict[str, list]  # categorical grid searched by Optuna, e.g. {"shift": [2, 4], "seed": [0, 1]}
-    metric: str  # flat metric Optuna optimises, e.g. "auroc_mnist_bpd"
-    mode: str = "max"
-    num_samples: int | None = None  # default: size of the grid
-    paper: dict[str, float] = field(default_factory=dict)  # reference values, for reports
+    space: dict[str, Any]
+    metric: str | Sequence[str]  # default target(s), e.g. "val_auroc_blobs_bpd"
+    mode: str | Sequence[str] = "max"
+    grid: dict[str, Any] | None = None
+    num_samples: int | None = None  # default: the grid's size
+    paper_point: dict[str, Any] = field(default_factory=dict)  # the paper's chosen values (marked in plots)
+    before_run: Callable[[dict[str, Any]], None] | None = None  # driver work after validation (e.g. a shared VAE)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A study ready to run: every flag applied and checked."""
+
+    name: str
+    fixed: dict[str, Any]
+    space: Space  # what Optuna searches (the grid with --sampler grid), seed included
+    targets: tuple[str, ...]
+    modes: tuple[str, ...]
+    sampler: str
+    scheduler: str
+    num_samples: int
+    allow_test_target: bool = False
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    paper_point: dict[str, Any] = field(default_factory=dict)
+    before_run: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
     @property
-    def grid_size(self) -> int:
-        return math.prod(len(v) for v in self.space.values())
+    def multi(self) -> bool:
+        return len(self.targets) > 1
+
+    @property
+    def metric(self) -> str:
+        return self.targets[0]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    @property
+    def epochs(self) -> int:
+        return int(build_config(self.fixed_with(first_point(self.space))).epochs)
+
+    def fixed_with(self, point: dict[str, Any]) -> dict[str, Any]:
+        return {**self.fixed, **point}
+
+
+# ---------------------------------------------------------------- flags
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -57,20 +128,43 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted study from its storage")
     g.add_argument("--storage", default="oodlab-results", help="results root (default ./oodlab-results)")
     g.add_argument("--name", help="study name (default: the study file's stem, + '-smoke' with --smoke)")
-    g.add_argument("--num-samples", type=int, help="number of trials (default: the size of the grid)")
-    g.add_argument("--sampler", choices=SAMPLERS, default="grid", help="Optuna sampler (default grid = the paper's grid)")
-    g.add_argument("--seeds", type=int, default=1, help="seeds per configuration (an explicit grid dimension)")
+    g.add_argument("-v", "--verbose", action="store_true", help="Tune's full progress output, Optuna's and Ray's logs")
+    g = p.add_argument_group("search (shared by every study file)")
+    g.add_argument("--sampler", choices=SAMPLERS, default="grid",
+                   help="Optuna sampler (default grid = the paper's grid; tpe/random/cmaes search the paper's ranges)")
+    g.add_argument("--num-samples", type=int, help="number of trials (default: the size of the paper's grid)")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per configuration (the dimension seed=0..N-1)")
+    g.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                   help="add or replace a dimension: a,b,c | lo..hi | lo..hi:log | lo..hi:int (repeatable)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix any config field (typed by the method's config; repeatable)")
+    g.add_argument("--target", help="metric(s) to optimise, comma-separated for multi-objective "
+                   "(default: the study's validation metric)")
+    g.add_argument("--mode", help="max|min per target, comma-separated (default: min for fpr*/nll/bpd means, else max)")
+    g.add_argument("--allow-test-target", action="store_true",
+                   help="allow a test-set metric as target (recorded on the MLflow parent run)")
+    g.add_argument("--val-ood", metavar="SPEC[,SPEC...]", help="validation OOD set(s) (config field val_ood)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="fifo",
+                   help="fifo: every trial runs all epochs; asha: ASHA stops weak trials early (not with grid)")
+    g.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped (default eval_every)")
+    g.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/RF of trials per rung (default 2)")
+    g = p.add_argument_group("resources and data size (shared by every study file)")
     g.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: local Ray)")
     g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
     g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
-    g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (0 = as resources allow)")
+    g.add_argument("--max-concurrent", type=int, default=0,
+                   help="cap on trials running at once (0 = as resources allow)")
     g.add_argument("--max-failures", type=int, default=1,
                    help="retries of a trial whose worker died, from its last checkpoint (default 1)")
     g.add_argument("--checkpoint-storage", help="where Ray keeps experiment state and checkpoints: a shared "
                    "path (NFS) or s3://bucket/prefix so any node can resume any trial (default <storage>/ray)")
+    g.add_argument("--optuna-storage", default=os.environ.get("OODLAB_OPTUNA_STORAGE") or None,
+                   help="Optuna storage URL: sqlite:///…, postgresql://…, mysql://… or journal:///abs/file.log "
+                   "(NFS) (default $OODLAB_OPTUNA_STORAGE, else sqlite:///<storage>/optuna.db)")
     g.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
-    g.add_argument("--epochs", type=int, help="training epochs per trial")
+    g.add_argument("--epochs", "--max-epochs", dest="epochs", type=int,
+                   help="training epochs per trial (ASHA's maximum)")
     g.add_argument("--train-n", type=int, help="use only this many ID training images")
     g.add_argument("--test-n", type=int, help="score only this many images of each test set")
 
@@ -87,338 +181,233 @@ def common_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def validate(spec: StudySpec, args: argparse.Namespace) -> None:
-    """Every check that can fail before Ray starts: configs, data files, flags."""
+def default_name(study_file: str, args: argparse.Namespace) -> str:
+    return args.name or Path(study_file).stem + ("-smoke" if args.smoke else "")
+
+
+def val_metric(fixed: dict[str, Any], metric: str, score: str) -> str:
+    """The validation metric ``val_{metric}_{first val set}_{score}`` of a config."""
+    return metric_name(metric, build_config(fixed).val_ood[0], score, "val")
+
+
+def infer_mode(metric: str) -> str:
+    """min for error rates and likelihood-style means (lower = better), max otherwise."""
+    base = metric.removeprefix(VAL_PREFIX)
+    return "min" if base.startswith(("fpr", "id_", "nll_mean", "bpd")) else "max"
+
+
+# ---------------------------------------------------------------- resolve: flags -> plan
+
+
+def first_point(space: Space) -> dict[str, Any]:
+    return {k: d.ends()[0] for k, d in space.items()}
+
+
+def _config_types(fixed: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return field_types(type(build_config(fixed)))
+    except ConfigError as e:
+        raise StudyError(f"bad configuration: {e}") from None
+
+
+def _known(key: str, types: dict[str, Any], flag: str) -> None:
+    if key not in types:
+        raise StudyError(f"{flag}: unknown config key {key!r}; known: {', '.join(sorted(types))}")
+
+
+def resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
+    """Apply the shared flags to a study's spec; every error here is a StudyError (exit 2)."""
+    try:
+        return _resolve(spec, args)
+    except SpaceError as e:
+        raise StudyError(str(e)) from None
+
+
+def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
+    sampler = args.sampler
+    base = spec.grid if sampler == "grid" and spec.grid is not None else spec.space
+    space = as_space(base)
+    fixed = dict(spec.fixed)
+    types = _config_types(fixed)
+    sets = [(*split_assignment(s, "--set"), "--set") for s in args.set]
+    if args.val_ood:
+        sets.append(("val_ood", args.val_ood, "--val-ood"))
+    dims = [split_assignment(s, "--space") for s in args.space]
+    clash = {k for k, _, _ in sets} & {k for k, _ in dims}
+    if clash:
+        raise StudyError(f"{', '.join(sorted(clash))}: given to both --set and --space")
+    for key, value, flag in sets:
+        _known(key, types, flag)
+        fixed[key] = coerce(types[key], value, key)
+        space.pop(key, None)  # a fixed field is no longer searched
+    for key, text in dims:
+        _known(key, types, "--space")
+        space[key] = parse_dimension(text)
+        fixed.pop(key, None)
+    if "seed" not in space and "seed" not in {k for k, _, _ in sets}:
+        if args.seeds < 1:
+            raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
+        space["seed"] = Categorical(tuple(range(args.seeds)))
+    for key in space:
+        _known(key, types, "space of the study")
+    space = {k: typed(d, types[k], k) for k, d in space.items()}
+    if sampler == "grid":
+        space = {k: Categorical(tuple(v)) for k, v in grid_values(space).items()}  # FloatRange: SpaceError
+    # default trial count: the paper grid's size (× seeds), so every sampler gets the grid's budget
+    paper_grid = space if sampler == "grid" or spec.grid is None else as_space(spec.grid)
+    if "seed" in space and paper_grid is not space:
+        paper_grid = {**paper_grid, "seed": space["seed"]}
+    n_grid = grid_size(paper_grid)
     if args.num_samples is not None and args.num_samples < 1:
         raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
+    num_samples = args.num_samples or spec.num_samples or n_grid or 10
+
+    targets = tuple(t.strip() for t in args.target.split(",")) if args.target else (
+        (spec.metric,) if isinstance(spec.metric, str) else tuple(spec.metric))
+    if args.mode:
+        modes = tuple(m.strip() for m in args.mode.split(","))
+    elif args.target:
+        modes = tuple(infer_mode(t) for t in targets)
+    else:
+        modes = (spec.mode,) * len(targets) if isinstance(spec.mode, str) else tuple(spec.mode)
+    if len(modes) != len(targets) or any(m not in ("min", "max") for m in modes):
+        raise StudyError(f"--mode: give max or min for each of the {len(targets)} target(s), got {modes}")
+    test_targets = [t for t in targets if not is_val_metric(t)]
+    if test_targets and not args.allow_test_target:
+        raise StudyError(f"target {', '.join(test_targets)} is a test-set metric: selecting hyperparameters on the "
+                         "test set leaks it into the result; use a val_ metric or pass --allow-test-target")
+
+    if sampler == "cmaes" and len(targets) > 1:
+        raise StudyError("--sampler cmaes is single-objective; use tpe (or random) for several targets")
+    scheduler = args.scheduler
+    grace = args.grace_period
+    if scheduler == "asha":
+        if sampler == "grid":
+            raise StudyError("--scheduler asha stops trials early; the grid sampler needs one completed trial per "
+                             "grid point: use --sampler tpe, random or cmaes")
+        if len(targets) > 1:
+            raise StudyError("--scheduler asha ranks trials on one metric: give a single --target")
+        if args.reduction_factor <= 1:
+            raise StudyError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    plan = Plan(name=spec.name, fixed=fixed, space=space, targets=targets, modes=modes, sampler=sampler,
+                scheduler=scheduler, num_samples=num_samples, allow_test_target=bool(test_targets),
+                reduction_factor=args.reduction_factor, paper_point=dict(spec.paper_point),
+                before_run=spec.before_run)
+    if scheduler == "asha":
+        cfg = build_config(plan.fixed_with(first_point(space)))
+        grace = grace if grace is not None else cfg.eval_every
+        if grace < cfg.eval_every or grace > cfg.epochs:
+            raise StudyError(f"--grace-period {grace}: must be >= eval_every ({cfg.eval_every}; metrics are new only "
+                             f"at evaluations) and <= epochs ({cfg.epochs})")
+        plan = dataclasses.replace(plan, grace_period=grace)
+    if sampler == "cmaes" and all(isinstance(d, Categorical) for d in space.values()):
+        log.warning("cmaes over categorical dimensions only: Optuna samples them at random")
+    return plan
+
+
+# ---------------------------------------------------------------- validate: before any compute
+
+
+def check_points(space: Space) -> list[dict[str, Any]]:
+    """Configurations that exercise every value of a categorical and both ends of a range,
+    one dimension at a time from the first point (not the whole product)."""
+    first = first_point(space)
+    points = [first]
+    for key, dim in space.items():
+        points += [{**first, key: v} for v in dim.ends()[1:]]
+    return points
+
+
+def validate(plan: Plan, args: argparse.Namespace) -> None:
+    """Every check that can fail before Ray starts: configs, targets, data files, flags."""
     if args.gpus_per_trial < 0 or args.cpus_per_trial <= 0:
         raise StudyError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
     if args.gpus_per_trial > 1 and not float(args.gpus_per_trial).is_integer():
         raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {args.gpus_per_trial}")
-    if spec.mode not in ("min", "max"):
-        raise StudyError(f"mode must be min or max, got {spec.mode!r}")
-    if any(len(v) == 0 for v in spec.space.values()):
-        raise StudyError(f"empty search dimension in {spec.space}")
     try:
-        configs = [build_config({**spec.fixed, **dict(zip(spec.space, values))})
-                   for values in itertools.product(*spec.space.values())]
+        configs = [build_config(plan.fixed_with(p)) for p in check_points(plan.space)]
     except ConfigError as e:
         raise StudyError(f"bad configuration: {e}") from None
     known = configs[0].metric_names()
-    if spec.metric not in known:
-        raise StudyError(f"target metric {spec.metric!r} is not reported; reported: {', '.join(known)}")
+    unknown = [t for t in plan.targets if t not in known]
+    if unknown:
+        raise StudyError(f"target metric {', '.join(unknown)} is not reported; reported: {', '.join(known)}")
     sets: dict[tuple[str, str, bool], data.SetInfo] = {}
-    try:  # load every set once: a missing file or a model that does not fit the data fails here
+    try:  # load every set once: a missing file, a model that does not fit the data, a too large val_n fail here
         for cfg in configs:
             for req in cfg.data_requests():
                 if (*req, cfg.pad) not in sets:
                     sets[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).info()
-            cfg.check_data({req: sets[(*req, cfg.pad)] for req in cfg.data_requests()})
+            by_request = {req: sets[(*req, cfg.pad)] for req in cfg.data_requests()}
+            cfg.check_data(by_request)
+            cfg.check_sizes({req: info.n for req, info in by_request.items()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 
 
-@dataclass(frozen=True)
-class CategoricalSpace:
-    """Optuna define-by-run space over categorical dimensions; a class so OptunaSearch can pickle it."""
-
-    space: dict[str, list]
-
-    def __call__(self, trial) -> None:
-        for key, values in self.space.items():
-            trial.suggest_categorical(key, list(values))
+# ---------------------------------------------------------------- entry
 
 
-def _sampler(name: str, space: dict[str, list], seed: int = 0):
-    import optuna
-
-    if name == "grid":
-        return optuna.samplers.GridSampler({k: list(v) for k, v in space.items()}, seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-def known_optuna_trials(exp_dir: Path) -> set[int] | None:
-    """Optuna trial numbers that Tune's saved searcher state tracks (None if none saved)."""
-    import pickle
-
-    states = sorted(exp_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
-    if not states:
-        return None
-    with open(states[-1], "rb") as f:
-        saved = pickle.load(f)
-    return {t.number for t in saved.get("_ot_trials", {}).values()}
-
-
-def reconcile_optuna(storage_url: str, study: str, keep: set[int] | None = None) -> int:
-    """Mark RUNNING Optuna trials that Tune will never finish as FAIL; returns how many.
-
-    A driver killed between Optuna's ``ask`` and Tune's state save leaves such orphans;
-    left RUNNING they would also block their grid point. ``keep``: numbers Tune resumes.
-    """
-    import optuna
-
-    try:
-        s = optuna.load_study(study_name=study, storage=storage_url)
-    except KeyError:
-        return 0
-    stale = [t for t in s.get_trials(deepcopy=False)
-             if t.state == optuna.trial.TrialState.RUNNING and t.number not in (keep or set())]
-    for t in stale:
-        if "grid_id" in t.system_attrs:  # free its grid point: GridSampler counts FAIL as visited
-            s._storage.set_trial_system_attr(t._trial_id, "grid_id", -1)
-        s._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    return len(stale)
-
-
-class StudyInterrupted(RuntimeError):
-    """The study stopped early (Ctrl-C / SIGINT); its state is saved for ``--resume``."""
-
-
-def _searcher_class():
-    from ray.tune.search.optuna import OptunaSearch
-
-    class Searcher(OptunaSearch):
-        """OptunaSearch that records, on each Optuna trial, the Ray trial id and, for a failed
-        trial, the reason (user attrs ``ray_trial_id``, ``error``); and that never tells Optuna
-        twice: a driver killed after Optuna recorded a trial but before Tune saved its state
-        sees that trial finish again on resume."""
-
-        def _finished_in_optuna(self, trial_id) -> bool:
-            ot = self._ot_trials.get(trial_id)
-            return ot is not None and self._ot_study._storage.get_trial(ot._trial_id).state.is_finished()
-
-        def on_trial_result(self, trial_id, result):
-            if not self._finished_in_optuna(trial_id):
-                super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self._completed_trials:
-                return
-            if self._finished_in_optuna(trial_id):
-                self._completed_trials.add(trial_id)
-                return
-            ot = self._ot_trials.get(trial_id)
-            if ot is not None:
-                storage, tid = self._ot_study._storage, ot._trial_id
-                storage.set_trial_user_attr(tid, "ray_trial_id", trial_id)
-                reason = (result or {}).get("error") or ("trial errored (see MLflow tag oodlab.error)" if error else None)
-                if reason:
-                    storage.set_trial_user_attr(tid, "error", str(reason)[:2000])
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    return Searcher
-
-
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def _exists(uri: str) -> bool:
-    if not _is_remote(uri):
-        return Path(uri.removeprefix("file://")).exists()
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def _check_writable(results: Path) -> None:
-    probe = results
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise StudyError(f"--storage {results}: {probe} is not a writable directory")
-
-
-def _check_resumable(exp_dir: str) -> None:
-    """A foreign or corrupt experiment folder fails here, with its path, not inside a trial."""
-    import torch
-    from ray import tune
-
-    if not tune.Tuner.can_restore(exp_dir):
-        raise StudyError(f"--resume: {exp_dir} holds no Ray Tune experiment state (tuner.pkl); "
-                         "is it an oodlab study folder?")
-    if _is_remote(exp_dir):
-        return
-    from oodlab.trainable import STATE_FILE
-
-    for trial in sorted(Path(exp_dir).glob("trial_*")):
-        errors = []
-        for ckpt in sorted(trial.glob("checkpoint_*"), reverse=True):
-            try:
-                torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-                break
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint counts
-                errors.append(f"{ckpt / STATE_FILE} cannot be loaded ({type(e).__name__}: {str(e)[:120]})")
-        else:
-            if errors:  # the trial has checkpoints and none is readable: refuse
-                raise StudyError("--resume: " + "; ".join(errors) + f"; delete {trial} to restart that trial")
-        if errors:
-            print(f"[oodlab] warning: {errors[0]}; {trial.name} resumes from an older checkpoint", flush=True)
-
-
-def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run (or resume) the study; returns one row per trial: config values + target metric."""
-    validate(spec, args)
-    # Save Tune's experiment state every 2 s (Tune's default is ~10 s; 0 = every loop step costs
-    # ~25% of a training epoch on 2 cores). A SIGKILL inside that window is handled by design:
-    # the searcher never tells Optuna twice, and a restored trial resumes from its own newest
-    # checkpoint (trainable.restore), so nothing is trained or counted twice.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    import optuna
-    import ray
-    from ray import tune
-
-    from oodlab import tracking
-    from oodlab.trainable import train
-
-    results = Path(args.storage).resolve()
-    ray_root = args.checkpoint_storage or str(results / "ray")
-    exp_dir = f"{ray_root.rstrip('/')}/{spec.name}"
-    if args.resume and not _exists(exp_dir):
-        raise StudyError(f"--resume: no study {spec.name!r} under {ray_root}; run without --resume first")
-    if not args.resume and _exists(exp_dir):
-        raise StudyError(f"study {spec.name!r} already has results in {exp_dir}; pass --resume to continue it, "
-                         "or choose another --name or --storage")
-    _check_writable(results)
-    if args.resume:
-        _check_resumable(exp_dir)
-    optuna_url = f"sqlite:///{results / 'optuna.db'}"
-    mlflow_uri = args.mlflow_uri or tracking.tracking_uri(results)
-    if not mlflow_uri.startswith("sqlite:"):
-        try:
-            tracking.check_reachable(mlflow_uri)
-        except ConnectionError as e:
-            raise StudyError(str(e)) from None
-
-    target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
-    print(f"[oodlab] Ray: {'joined ' + target.address if target.joins else 'local'} ({target.reason})", flush=True)
-    try:
-        hosts = ray_connect.node_hosts()
-        if len(hosts) > 1 and not stores.is_shared(ray_root):
-            raise StudyError(f"the Ray cluster spans {len(hosts)} machines but --checkpoint-storage {ray_root} is "
-                             f"on a local disk ({stores.fs_type(ray_root)}): trials on other nodes could not save or "
-                             "resume checkpoints; pass --checkpoint-storage s3://BUCKET/PREFIX or a shared (NFS) path")
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
-            raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
-                             "use --gpus-per-trial 0 on CPU-only machines")
-        results.mkdir(parents=True, exist_ok=True)  # only now: a refused study writes nothing
-        fixed = dict(spec.fixed)
-        if args.gpus_per_trial == 0:
-            fixed["device"] = "cpu"
-        exp_id, parent = tracking.setup_study(mlflow_uri, results / "mlartifacts", spec.name,
-                                              {"metric": spec.metric, **fixed})
-        callback = tracking.MLflowCallback(mlflow_uri, exp_id, parent, spec.name, name_keys=tuple(spec.space))
-        trainable = tune.with_resources(train, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-        if args.resume:
-            print(f"[oodlab] resuming {spec.name} from {exp_dir}", flush=True)
-            keep = known_optuna_trials(Path(exp_dir)) if not _is_remote(exp_dir) else None
-            orphans = reconcile_optuna(optuna_url, spec.name, keep=keep or set())
-            if orphans:
-                print(f"[oodlab] marked {orphans} orphaned Optuna trial(s) FAIL", flush=True)
-            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            n = args.num_samples or spec.num_samples or spec.grid_size
-            ot_study = optuna.create_study(study_name=spec.name, storage=optuna_url, load_if_exists=True,
-                                           direction="maximize" if spec.mode == "max" else "minimize")
-            ot_study.set_user_attr("num_samples", n)  # read back on resume to tell "done" from "interrupted"
-            searcher = _searcher_class()(space=CategoricalSpace(spec.space), metric=spec.metric, mode=spec.mode,
-                                         sampler=_sampler(args.sampler, spec.space), study_name=spec.name,
-                                         storage=optuna.storages.RDBStorage(optuna_url))
-            print(f"[oodlab] study {spec.name}: {n} trials, space {spec.space}, target {spec.metric} ({spec.mode})",
-                  flush=True)
-            tuner = tune.Tuner(
-                trainable,
-                param_space=fixed,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n,
-                                            max_concurrent_trials=args.max_concurrent or None,
-                                            trial_dirname_creator=trial_dirname),
-                run_config=tune.RunConfig(
-                    name=spec.name, storage_path=ray_root, callbacks=[callback],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1,
-                ),
-            )
-        t0 = time.time()
-        grid = tuner.fit()
-        rows = summarize(grid, spec)
-        table = format_table(rows, spec)
-        print(table, flush=True)
-        n = optuna.load_study(study_name=spec.name, storage=optuna_url).user_attrs.get("num_samples", len(grid))
-        if len(grid) < n or grid.num_terminated + grid.num_errors < len(grid):
-            tracking.finish_study(mlflow_uri, parent, {}, {"trials.md": table}, status="KILLED")
-            raise StudyInterrupted(f"study {spec.name} interrupted; its state is saved: rerun with --resume")
-        stale = reconcile_optuna(optuna_url, spec.name)
-        if stale:
-            print(f"[oodlab] marked {stale} orphaned Optuna trial(s) FAIL", flush=True)
-        finished = [r for r in rows if isinstance(r.get(spec.metric), float) and math.isfinite(r[spec.metric])]
-        best = max(finished, key=lambda r: r[spec.metric] * (1 if spec.mode == "max" else -1), default=None)
-        if best:
-            print(f"[oodlab] best {spec.metric} = {best[spec.metric]:.4f} with "
-                  + ", ".join(f"{k}={best[k]}" for k in spec.space), flush=True)
-        tracking.finish_study(mlflow_uri, parent,
-                              {"trials_finished": len(finished), "trials_failed": len(rows) - len(finished),
-                               "wall_s": time.time() - t0, **({f"best_{spec.metric}": best[spec.metric]} if best else {})},
-                              {"trials.md": table})
-        print(f"[oodlab] results in {results}\n[oodlab] browse: mlflow ui --backend-store-uri {mlflow_uri}",
-              flush=True)
-        return rows
-    finally:
-        ray.shutdown()
-
-
-def trial_dirname(trial) -> str:
-    """Short trial folders (Tune's default embeds the whole config in the name)."""
-    return f"trial_{trial.trial_id}"
-
-
-def summarize(grid, spec: StudySpec) -> list[dict[str, Any]]:
-    rows = []
-    for r in grid:
-        m = r.metrics or {}
-        rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in spec.space},
-                     "epoch": m.get("epoch"), spec.metric: m.get(spec.metric),
-                     "status": "ERROR" if r.error else ("FAILED" if m.get("error") else ("OK" if m.get("done") else "STOPPED"))})
-    return sorted(rows, key=lambda r: [str(r[k]) for k in spec.space])
-
-
-def format_table(rows: list[dict[str, Any]], spec: StudySpec) -> str:
-    if not rows:
-        return "(no trials)"
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+def describe_spaces(space: dict[str, Any] | None, grid: dict[str, Any] | None) -> str:
+    lines = ["search space (--sampler tpe|random|cmaes; --space KEY=SPEC adds or replaces a dimension):",
+             "  " + describe(as_space(space or {}))]
+    if grid is not None:
+        lines += ["paper grid (--sampler grid, the default):", "  " + describe(as_space(grid))]
+    lines += ["plus seed=0..N-1 from --seeds; --set KEY=VALUE fixes any config field."]
     return "\n".join(lines)
 
 
 def parse_args(study_file: str, configure: Callable[[argparse.ArgumentParser], None],
-               argv: list[str] | None = None, doc: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=Path(study_file).name, description=doc,
+               argv: list[str] | None = None, doc: str | None = None, epilog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=Path(study_file).name, description=doc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
     add_common_flags(p)
     return p.parse_args(argv)
 
 
+def configure_logging(verbose: bool) -> None:
+    """The CLI's console: one ``[oodlab]`` line per event on stdout; library loggers stay quiet."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[oodlab] %(message)s"))
+    root = logging.getLogger("oodlab")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    if not verbose:
+        import optuna
+
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables…"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "created / using existing study" pair
+        logging.getLogger("oodlab.ray_connect").setLevel(logging.WARNING)  # the runner prints one "Ray:" line
+        # GridSampler stops the study when the grid is done; OptunaSearch logs that as a warning
+        logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
+
+
+def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Resolve, validate and run (or resume) a study; returns one row per trial."""
+    from oodlab import runner
+
+    plan = resolve(spec, args)
+    validate(plan, args)
+    return runner.run(plan, args)
+
+
 def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
-         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None) -> int:
+         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None,
+         space: dict[str, Any] | None = None, grid: dict[str, Any] | None = None) -> int:
     """Entry point of a study file: parse flags, build the spec, run; clear errors, exit 2."""
-    args = parse_args(study_file, configure, argv, doc=getattr(sys.modules.get("__main__"), "__doc__", None))
+    doc = getattr(sys.modules.get("__main__"), "__doc__", None)
+    args = parse_args(study_file, configure, argv, doc=doc,
+                      epilog=describe_spaces(space, grid) if space is not None else None)
+    configure_logging(args.verbose)
     try:
         spec = build(args)
         run(spec, args)
-    except (StudyError, ConfigError, data.DataError) as e:
+    except (StudyError, ConfigError, SpaceError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StudyInterrupted as e:
         print(f"[oodlab] {e}", file=sys.stderr)
         return 130
     return 0
-
-
-def default_name(study_file: str, args: argparse.Namespace) -> str:
-    return args.name or Path(study_file).stem + ("-smoke" if args.smoke else "")

@@ -12,17 +12,17 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from oodlab import plots
-from oodlab.trainable import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, load_scores
+from oodlab import plots, tags
+from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, load_scores
 
-STUDY_TAG = "oodlab.study"
-ROLE_TAG = "oodlab.role"
-TRIAL_TAG = "ray_trial_id"
+STUDY_TAG, ROLE_TAG, TRIAL_TAG = tags.STUDY, tags.ROLE, tags.TRIAL  # kept for callers of the old names
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3 UI: which view an experiment opens on
 _RAY_KEYS = {"timestamp", "pid", "done", "training_iteration", "time_since_restore", "iterations_since_restore",
              "time_this_iter_s", "epoch"}
 
@@ -59,7 +59,7 @@ def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -
     client = _client(uri)
     exp = client.get_experiment_by_name(study)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        study, artifact_location=artifacts.resolve().as_uri() if uri.startswith("sqlite:") else None)
+        study, artifact_location=None if uri.startswith(("http:", "https:")) else artifacts.resolve().as_uri())
     runs = client.search_runs([exp_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
     if runs:
         run_id = runs[0].info.run_id
@@ -71,17 +71,39 @@ def setup_study(uri: str, artifacts: Path, study: str, params: dict[str, Any]) -
     return exp_id, run_id
 
 
-def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str],
-                 status: str = "FINISHED") -> None:
-    """Log the study's summary metrics and text files to the parent run and close it."""
+def tag_study(uri: str, experiment_id: str, parent_run_id: str, run_tags: dict[str, str]) -> None:
+    """Tags of the parent run (target, sampler, …), and the experiment kind that makes MLflow 3's
+    UI open the study on its runs table ("model training") instead of the GenAI overview."""
+    from mlflow.entities import RunTag
+
     client = _client(uri)
-    for k, v in summary.items():
-        client.log_metric(parent_run_id, k, v)
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+    client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+
+
+def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str],
+                 status: str = "FINISHED", figures: Sequence[Path] = ()) -> None:
+    """Log the study's summary metrics, text files and figures to the parent run and close it."""
+    from mlflow.entities import Metric
+
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
     with tempfile.TemporaryDirectory() as d:
         for name, text in files.items():
             (Path(d) / name).write_text(text)
             client.log_artifact(parent_run_id, str(Path(d) / name))
+    for f in figures:
+        client.log_artifact(parent_run_id, str(f), artifact_path="search")
     client.set_terminated(parent_run_id, status)
+
+
+def browse_hint(results: Path, uri: str, experiment_id: str) -> str:
+    """One line that lands on the study's runs table."""
+    if uri.startswith("sqlite:"):
+        return (f"oodlab ui --storage {results}  then open "
+                f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
 
 
 def numeric(result: dict[str, Any]) -> dict[str, float]:
@@ -92,9 +114,10 @@ def numeric(result: dict[str, Any]) -> dict[str, float]:
 class MLflowCallback(tune.Callback):
     """Logs each Tune trial to its own MLflow child run. Picklable: the client is made lazily."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str, name_keys: tuple[str, ...] = ()):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str, name_keys: tuple[str, ...] = (),
+                 max_epoch: int | None = None):
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.study, self.name_keys = study, name_keys
+        self.study, self.name_keys, self.max_epoch = study, name_keys, max_epoch
         self._client = None
         self._runs: dict[str, str] = {}  # ray trial id -> mlflow run id
         self._last_step: dict[str, int] = {}  # ray trial id -> last epoch logged
@@ -120,8 +143,8 @@ class MLflowCallback(tune.Callback):
             self._last_step[tid] = max((m.step for m in hist), default=0)
         else:
             name = " ".join(f"{k}={trial.config.get(k)}" for k in self.name_keys) or tid
-            tags = {TRIAL_TAG: tid, STUDY_TAG: self.study, ROLE_TAG: "trial", "mlflow.parentRunId": self.parent_run_id}
-            run_id = self.client.create_run(self.experiment_id, run_name=f"{name} [{tid}]", tags=tags).info.run_id
+            run_tags = {TRIAL_TAG: tid, STUDY_TAG: self.study, ROLE_TAG: "trial", tags.PARENT: self.parent_run_id}
+            run_id = self.client.create_run(self.experiment_id, run_name=f"{name} [{tid}]", tags=run_tags).info.run_id
             from mlflow.entities import Param
 
             params = [Param(k, str(v)) for k, v in sorted(trial.config.items())]
@@ -141,18 +164,23 @@ class MLflowCallback(tune.Callback):
         if step <= self._last_step.get(trial.trial_id, 0):
             return  # already logged before a crash
         now = int(time.time() * 1000)
-        tags = [RunTag("device", str(result["device"]))] if "device" in result and step == 1 else []
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(result).items()], tags=tags)
+        device = [RunTag(tags.DEVICE, str(result["device"]))] if "device" in result and step == 1 else []
+        metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
+        self.client.log_batch(run_id, metrics=metrics, tags=device)
         self._last_step[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         error = (trial.last_result or {}).get("error")
         if error:  # the trainable ended the trial itself (e.g. the loss diverged)
-            self.client.set_tag(run_id, "oodlab.error", str(error)[:5000])
+            self.client.set_tag(run_id, tags.ERROR, str(error)[:5000])
             self.client.set_terminated(run_id, "FAILED")
             return
-        if trial.checkpoint is not None:
+        epoch = (trial.last_result or {}).get("epoch")
+        if self.max_epoch and epoch and epoch < self.max_epoch:  # the scheduler stopped it: say so, keep its metrics
+            self.client.set_tag(run_id, tags.STOPPED_EARLY, "true")
+            self.client.set_tag(run_id, tags.STOPPED_AT_EPOCH, str(epoch))
+        elif trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
                 self._log_artifacts(run_id, Path(d))
         self.client.set_terminated(run_id, "FINISHED")
@@ -161,7 +189,7 @@ class MLflowCallback(tune.Callback):
         run_id = self._run_for(trial)
         err = trial.get_error()
         if err is not None:
-            self.client.set_tag(run_id, "oodlab.error", str(err)[-5000:])
+            self.client.set_tag(run_id, tags.ERROR, str(err)[-5000:])
         self.client.set_terminated(run_id, "FAILED")
 
     def _log_artifacts(self, run_id: str, ckpt: Path) -> None:
@@ -178,4 +206,5 @@ class MLflowCallback(tune.Callback):
         if extra.is_dir() and any(extra.iterdir()):
             self.client.log_artifacts(run_id, str(extra))
         table = json.loads((ckpt / METRICS_FILE).read_text())
-        self.client.set_tag(run_id, "oodlab.metrics", json.dumps({k: round(v, 4) for k, v in table.items() if k.startswith("auroc")}))
+        self.client.set_tag(run_id, tags.METRICS, json.dumps({k: round(v, 4) for k, v in table.items()
+                                                             if k.startswith(("auroc", "val_auroc"))}))

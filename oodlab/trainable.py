@@ -13,30 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ray import tune
 
+from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, STATE_FILE, save_scores
 from oodlab.registry import build
 
-STATE_FILE = "state.pt"
-SCORES_FILE = "scores.npz"
-METRICS_FILE = "metrics.json"
-ARTIFACTS_DIR = "artifacts"  # method-specific files, logged to MLflow as they are
-
-
-def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]]) -> None:
-    """Flatten {set: {score: array}} into one npz with keys ``set/score``."""
-    np.savez_compressed(path, **{f"{s}/{k}": v for s, d in scores.items() for k, v in d.items()})
-
-
-def load_scores(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path) as z:
-        for key in z.files:
-            s, k = key.split("/", 1)
-            out.setdefault(s, {})[k] = z[key]
-    return out
+__all__ = ["STATE_FILE", "newest_checkpoints", "restore", "train"]
 
 
 def newest_checkpoints(ckpt: tune.Checkpoint) -> list[tune.Checkpoint]:
@@ -50,10 +33,11 @@ def newest_checkpoints(ckpt: tune.Checkpoint) -> list[tune.Checkpoint]:
     import pyarrow.fs
 
     parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    infos = ckpt.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    fs = ckpt.filesystem or pyarrow.fs.LocalFileSystem()
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
     names = sorted((i.base_name for i in infos
                     if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
-    return [tune.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in names] or [ckpt]
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in names] or [ckpt]
 
 
 def restore(exp, ckpt: tune.Checkpoint) -> tune.Checkpoint:

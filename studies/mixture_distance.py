@@ -11,9 +11,9 @@ paper Table 1: MNIST NLL 1372.2 standard vs 2679.9 bimodal d=100).
 
     python studies/mixture_distance.py --smoke                      # ~2 min on 2 CPU cores
     python studies/mixture_distance.py --families gaussian,gen_gaussian --seeds 3 --gpus-per-trial 0.25
-    python studies/mixture_distance.py --components 1,2 --distances 150 --target gap   # Table 1
+    python studies/mixture_distance.py --components 1,2 --distances 150 --target val_nll_gap_blobs   # Table 1
     python studies/mixture_distance.py --sampler tpe --num-samples 20 --distances 10,14,20,30,50,70,100,150,200,300
-    python studies/mixture_distance.py --models glow --components 1,2 --distances 100 --target gap
+    python studies/mixture_distance.py --models glow --components 1,2 --distances 100 --target val_nll_gap_blobs
     python studies/mixture_distance.py --resume                     # after a crash or Ctrl-C
 """
 
@@ -23,16 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab import data
-from oodlab.experiment import metric_name, set_key
-from oodlab.study import StudySpec, common_overrides, default_name, main
+from oodlab.space import Categorical, FloatRange, IntRange
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
 
 # Log-spaced 10..300 plus the papers' values (VAE 150, Glow 100, CIFAR VAE 200).
 DISTANCES = [10, 20, 50, 100, 150, 200, 300]
-# Paper 001 Table 1 (mean NLL of MNIST, nats; VAE, Fashion-MNIST labels 1 and 7, 1000 epochs, 5000 IS samples).
-PAPER = {"nll_mean_mnist/uni": 1647.76, "nll_mean_mnist/bimodal_d150": 2821.97,
-         "nll_mean_mnist/uni_label1": 1976.73, "nll_mean_mnist/uni_label7": 1578.43,
-         "nll_mean_mnist/glow_uni": 1372.18, "nll_mean_mnist/glow_bimodal_d100": 2679.89}
+# Papers 001/003: d searched on a log scale over 10..300; generalized-Gaussian shape β (paper 4)
+# over 1..8; K components 2..4 (k-means assignment: K > 2 needs it; labels {1,7} give K = 2).
+SPACE = {"distance": FloatRange(10, 300, log=True), "family": Categorical(("gaussian", "gen_gaussian")),
+         "beta": FloatRange(1, 8), "components": IntRange(2, 4), "assignment": Categorical(("kmeans",))}
+GRID = {"distance": Categorical(tuple(float(d) for d in DISTANCES)), "family": Categorical(("gaussian",)),
+        "components": Categorical((2,)), "assignment": Categorical(("labels",)), "model": Categorical(("vae",))}
 SMOKE = {"train_n": 500, "test_n": 100, "is_samples": 2}  # on top of the shared --smoke (epochs=1)
 
 
@@ -58,8 +59,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=50)
     g.add_argument("--lr", type=float, default=1e-3, help="Adam(0.5, 0.9) learning rate (paper 1e-3)")
     g.add_argument("--eval-every", type=int, default=10, help="evaluate every k epochs (IS is costly)")
-    g.add_argument("--target", choices=("auroc", "gap"), default="auroc",
-                   help="Optuna target: AUROC of NLL, or the OOD-minus-ID mean NLL gap (both maximised)")
 
 
 def build(args: argparse.Namespace) -> StudySpec:
@@ -73,17 +72,20 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed.update({k: v for k, v in SMOKE.items() if getattr(args, k) is None})
     if args.is_samples is not None:
         fixed["is_samples"] = args.is_samples
-    ood_first = data.split_specs(args.ood)[0]
-    metric = metric_name("auroc", ood_first, "nll") if args.target == "auroc" else f"nll_gap_{set_key(ood_first)}"
+    grid = {"distance": distances, "family": _list(args.families), "components": _list(args.components, int),
+            "assignment": _list(args.assignment), "model": _list(args.model)}
+    space = dict(SPACE)
+    if args.distances:
+        space["distance"] = Categorical(tuple(distances))
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,
-        space={"distance": distances, "family": _list(args.families), "components": _list(args.components, int),
-               "assignment": _list(args.assignment), "model": _list(args.model), "seed": list(range(args.seeds))},
-        metric=metric,
-        paper=PAPER,
+        space=space,
+        grid=grid,
+        metric=val_metric(fixed, "auroc", "nll"),  # --target val_nll_gap_<set> for the mean-NLL gap
+        paper_point={"distance": 150.0, "beta": 4.0, "components": 2},
     )
 
 
 if __name__ == "__main__":
-    sys.exit(main(__file__, build, configure))
+    sys.exit(main(__file__, build, configure, space=SPACE, grid=GRID))

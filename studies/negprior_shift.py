@@ -18,15 +18,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from oodlab import data
-from oodlab.experiment import metric_name
-from oodlab.study import StudySpec, common_overrides, default_name, main
+from oodlab.space import Categorical, Dimension, FloatRange
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
 
-GRAY_SHIFTS = [2, 4, 6, 8, 10]
-COLOR_SHIFTS = [5, 10, 15, 20, 25, 30]
-# Paper 000, Table I (Fashion-MNIST -> MNIST, AUC-BPD / AUC-KL, 10 seeds, 100 epochs, shift 8).
-PAPER = {"bernoulli/none/bpd": 0.46, "bernoulli/aux/bpd": 1.00, "gaussian/none/bpd": 0.98, "gaussian/aux/bpd": 1.00,
-         "bernoulli/none/kl": 0.61, "bernoulli/aux/kl": 1.00, "gaussian/none/kl": 0.26, "gaussian/aux/kl": 1.00}
-
+# Paper 000 §IV: shift ∈ {2,4,6,8,10} tried for gray data, {5,10,…,30} for color (chosen: 8 and 25);
+# negative weight and learning rate are searched on log scales around the paper's 1 and 1e-4.
+GRAY_SHIFTS = [2.0, 4.0, 6.0, 8.0, 10.0]
+COLOR_SHIFTS = [5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+SPACE: dict[str, Dimension] = {"shift": FloatRange(2, 10), "neg_weight": FloatRange(0.1, 10, log=True),
+         "lr": FloatRange(1e-5, 1e-3, log=True)}
+COLOR_SPACE = {**SPACE, "shift": FloatRange(5, 30)}
+GRID: dict[str, Dimension] = {"shift": Categorical(tuple(GRAY_SHIFTS))}
+COLOR_GRID: dict[str, Dimension] = {"shift": Categorical(tuple(COLOR_SHIFTS))}
 
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("negative-prior sweep")
@@ -42,7 +45,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "makes it a grid dimension")
     g.add_argument("--arch", default="auto", choices=("auto", "gray", "color"),
                    help="VAE architecture (auto: color for 3-channel data)")
-    g.add_argument("--shifts", help="comma-separated shifts (default: paper grid for gray / color data)")
+    g.add_argument("--shifts", help="comma-separated shifts, searched by every sampler (= --space shift=LIST; "
+                   "default: the paper grid / range for gray or color data)")
     g.add_argument("--neg-weight", type=float, default=1.0, help="weight of the negatives' KL term")
     g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 as the paper does")
     g.add_argument("--batch-size", type=int, default=50)
@@ -53,37 +57,30 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> StudySpec:
-    color = data.load(args.id, "test").shape[0] == 3 if not args.shifts else False
-    shifts = [float(s) for s in args.shifts.split(",")] if args.shifts else (COLOR_SHIFTS if color else GRAY_SHIFTS)
-    if args.smoke and not args.shifts:
-        shifts = [shifts[0], shifts[3]]
+    color = data.load(args.id, "test").shape[0] == 3
+    space, grid = (dict(COLOR_SPACE), dict(COLOR_GRID)) if color else (dict(SPACE), dict(GRID))
+    if args.shifts:
+        space["shift"] = grid["shift"] = Categorical(tuple(float(s) for s in args.shifts.split(",")))
+    elif args.smoke:
+        paper = COLOR_SHIFTS if color else GRAY_SHIFTS
+        grid["shift"] = Categorical((paper[0], paper[3]))
     listed = {"negatives": args.negatives.split(","), "decoder": args.decoder.split(",")}
-    grid = {k: v for k, v in listed.items() if len(v) > 1}
-    fixed = dict(
-        id=args.id,
-        ood=args.ood,
-        aux=args.aux,
-        arch=args.arch,
-        aux_split=args.aux_split,
-        **{k: v[0] for k, v in listed.items() if len(v) == 1},
-        neg_weight=args.neg_weight,
-        pad=args.pad,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        iwae_k=args.iwae_k,
-        eval_every=args.eval_every,
-        **common_overrides(args),
-    )
-    ood_first = data.split_specs(args.ood)[0]
+    for k, v in listed.items():
+        if len(v) > 1:
+            space[k] = grid[k] = Categorical(tuple(v))
+    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, arch=args.arch, aux_split=args.aux_split,
+                 **{k: v[0] for k, v in listed.items() if len(v) == 1}, neg_weight=args.neg_weight, pad=args.pad,
+                 batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, iwae_k=args.iwae_k,
+                 eval_every=args.eval_every, **common_overrides(args))
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,
-        space={**grid, "shift": shifts, "seed": list(range(args.seeds))},
-        metric=metric_name("auroc", ood_first, "bpd"),
-        paper=PAPER,
+        space=space,
+        grid=grid,
+        metric=val_metric(fixed, "auroc", "bpd"),
+        paper_point={"shift": 25.0 if color else 8.0, "neg_weight": 1.0, "lr": 1e-4},
     )
 
 
 if __name__ == "__main__":
-    sys.exit(main(__file__, build, configure))
+    sys.exit(main(__file__, build, configure, space=SPACE, grid=GRID))

@@ -10,7 +10,7 @@ The paper's VAE is trained ONCE, in the driver, and cached under ``<storage>/vae
 
 Every trial scores the OOD sets of Table 2 that exist here, the "overall" mixed set and
 ``--bright`` (MNIST) at brightness 0.2×…1.8× (paper §3.2, Table 1); Optuna's target is
-AUROC on "overall", and the brightness AUROC mean / std are logged beside it.
+the validation AUROC of the family's score, and the brightness AUROC mean / std are logged.
 
     python studies/rose_perturbation.py --smoke                  # 2 trials; a few minutes on 2 CPU cores
     python studies/rose_perturbation.py --family lratio --epochs 30 --gpus-per-trial 0.25
@@ -25,23 +25,28 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import load_sets, metric_name, resolve_device
-from oodlab.study import StudySpec, common_overrides, default_name, main
+from oodlab.experiment import load_sets, resolve_device
+from oodlab.space import Categorical, FloatRange, IntRange
+from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
-FAMILIES: dict[str, tuple[str, dict[str, list[Any]]]] = {  # score, search space
+# score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
+FAMILIES: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "rose": ("rose", {"preconditioner": ["diag", "ekfac"], "fisher_n": [100, 1000, 10000]}),
-    "lratio": (
-        "lratio",
-        {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)], "lratio_l2": [0.0, 10.0]},
-    ),
+    "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)],
+                          "lratio_l2": [0.0, 10.0]}),
     "rnd": ("rnd", {"rnd_perturbation": ["svd:22", "svd:28", "dct:22", "dct:28", "gb", "random:0.2", "random:0.3"]}),
 }
-# Paper 004, Table 2 (Fashion-MNIST VAE, AUROC, overall) and Table 6 (DIAG vs EKFAC, overall).
-PAPER = {"rose/overall": 0.999, "rose_ekfac/overall": 0.998, "rose_diag/overall": 0.980, "lratio/overall": 0.873,
-         "rose/mnist": 0.995, "lratio/mnist": 0.844}
-
+# Continuous spaces: Fisher sample count on a log scale over the paper's 100..10000; LRatio λ over
+# [0, 10] (μ is part of a perturbation spec string, so it stays a list); RND K over 16..28.
+SPACES: dict[str, dict[str, Any]] = {
+    "rose": {"preconditioner": Categorical(("diag", "ekfac")), "fisher_n": IntRange(100, 10000, log=True)},
+    "lratio": {"lratio_perturbation": Categorical(tuple(FAMILIES["lratio"][1]["lratio_perturbation"])),
+               "lratio_l2": FloatRange(0.0, 10.0)},
+    "rnd": {"rnd_perturbation": Categorical(
+        (*(f"{kind}:{k}" for kind in ("svd", "dct") for k in (16, 20, 22, 24, 28)), "gb", "random:0.2", "random:0.3"))},
+}
 
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ROSE perturbation study")
@@ -55,35 +60,51 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=100, help="latent size (paper 100 FMNIST, 200 CIFAR-10)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--scores", help="score every trial with these (comma list, no family search): rose_diag,rose_ekfac")
+    g.add_argument("--arch", choices=("dcgan_bn", "plain"), default="dcgan_bn",
+                   help="dcgan_bn: Likelihood Regret's VAE (BatchNorm, separate heads; the authors'); plain: earlier")
+    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 instead of resizing (earlier choice)")
+    g.add_argument("--rose-z", choices=("mean", "sample"), default="mean", help="latent in the ROSE gradient")
+    g.add_argument("--damping", type=float, default=1e-8, help="Fisher damping (authors: 1e-8, absolute)")
+    g.add_argument("--damping-relative", action="store_true", help="damping × mean of F (earlier: with --damping 1e-3)")
 
 
 def build(args: argparse.Namespace) -> StudySpec:
-    score, space = FAMILIES[args.family]
-    space = dict(space)
+    score, grid = FAMILIES[args.family]
+    grid, space = dict(grid), dict(SPACES[args.family])
+    if args.scores:  # fixed scores: the trials differ only by seed
+        score, grid, space = args.scores, {}, {}
+    names = score.split(",")
+    target = "rose_ekfac" if "rose_ekfac" in names else names[0]
     factors = [0.2, 1.8] if args.smoke else BRIGHTNESS
     bright = [f"{args.bright}[brightness={f}]" for f in factors] if args.bright else []
     ood = "mnist,overall" if args.smoke and args.ood == OOD else args.ood
     if args.fisher_n or args.smoke:
+        grid.pop("fisher_n", None)
         space.pop("fisher_n", None)
     if args.smoke:  # two trials
-        space = (
-            {k: v[:2] for k, v in space.items()}
-            if args.family != "lratio"
-            else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]}
-        )
+        grid = ({k: v[:2] for k, v in grid.items()} if args.family != "lratio"
+                else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]})
     fixed = dict(method="rose", id=args.id, ood=",".join([ood, *bright]), scores=score, iwae_k=args.iwae_k,
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
-                 vae_cache=str(Path(args.storage).resolve() / "vae_cache"), **common_overrides(args))
+                 vae_cache=str(Path(args.storage).resolve() / "vae_cache"), arch=args.arch, pad=args.pad,
+                 resize=not args.pad, rose_z=args.rose_z, damping=args.damping, damping_relative=args.damping_relative,
+                 **common_overrides(args))
     if args.fisher_n or args.smoke:
         fixed["fisher_n"] = args.fisher_n or 200
-    for seed in range(args.seeds):
-        pretrain({**fixed, "seed": seed})
+    seeds = args.seeds
+
+    def pretrain_all(final: dict) -> None:
+        for seed in range(seeds):
+            pretrain({**final, "seed": seed})
+
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,
-        space={**space, "seed": list(range(args.seeds))},
-        metric=metric_name("auroc", "overall", score),
-        paper=PAPER,
+        space=space,
+        grid=grid,
+        metric=val_metric(fixed, "auroc", target),
+        before_run=pretrain_all,
     )
 
 
@@ -94,11 +115,9 @@ def pretrain(fixed: dict) -> None:
     cfg = Config.from_dict(fixed)
     device = resolve_device(cfg.device)
     train, _ = load_sets(cfg, device)
-    print(f"[rose] shared VAE: {cfg.vae_cache} ({len(train)} images, {cfg.epochs} epochs)", flush=True)
-    logging.basicConfig(format="[%(name)s] %(message)s")  # the VAE's per-epoch progress lines
-    logging.getLogger("oodlab.methods.rose").setLevel(logging.INFO)
+    logging.getLogger("oodlab").info("shared VAE: %s (%d images, %d epochs)", cfg.vae_cache, len(train), cfg.epochs)
     ensure_vae(cfg, train.x, device)
 
 
 if __name__ == "__main__":
-    sys.exit(main(__file__, build, configure))
+    sys.exit(main(__file__, build, configure, space=SPACES["rose"], grid=FAMILIES["rose"][1]))

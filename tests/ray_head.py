@@ -43,7 +43,8 @@ class Head:
 
 
 @contextlib.contextmanager
-def ray_head(ray_tmp: str, num_cpus: int = 2, dashboard: bool = False, timeout: float = 90):
+def ray_head(ray_tmp: str, num_cpus: int = 2, dashboard: bool = False, timeout: float = 120,
+             env: dict[str, str] | None = None):
     gcs, dash = free_port(), free_port()
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            f"--num-cpus={num_cpus}", f"--ray-client-server-port={free_port()}",
@@ -51,7 +52,7 @@ def ray_head(ray_tmp: str, num_cpus: int = 2, dashboard: bool = False, timeout: 
     if dashboard:
         cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
     log = open(Path(ray_tmp) / "head.log", "wb")  # closed below
-    env = {k: v for k, v in study_env(ray_tmp).items() if k != "RAY_ADDRESS"}
+    env = env or {k: v for k, v in study_env(ray_tmp).items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(proc, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}" if dashboard else "", ray_tmp)
     try:

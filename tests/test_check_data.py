@@ -50,7 +50,7 @@ BAD = [
     # mixture: labels per component, the latent against the components, the model against the size
     ({"method": "mixture", "id": "gaussian_noise"}, {"classes": ()}, "no labels"),
     ({"method": "mixture", "components": 3}, {}, "one component per class"),
-    ({"method": "mixture", "model": "glow", "components": 5, "glow_squeezes": 1},
+    ({"method": "mixture", "model": "glow", "components": 5, "glow_squeezes": 1, "layout": "axes"},
      {"shape": (1, 2, 2), "classes": tuple(range(5))}, "latent_dim >= 5"),
     ({"method": "mixture", "model": "glow", "glow_squeezes": 3}, {}, "divisible"),
     ({"method": "mixture", "arch": "color"}, {"shape": (3, 28, 28)}, "32×32"),

@@ -28,11 +28,17 @@ def _oodlab(*args, cwd=REPO):
 
 def test_cli_errors_and_list(tmp_path):
     out = _oodlab("run", "no_such_study")
-    assert out.returncode != 0 and "unknown study 'no_such_study'" in out.stderr and "negprior_shift" in out.stderr
+    assert out.returncode == 2 and "unknown study 'no_such_study'" in out.stderr and "negprior_shift" in out.stderr
     out = _oodlab("list", "--storage", tmp_path)
     assert out.returncode == 1 and "no studies" in out.stdout
     out = _oodlab("ui", "--storage", tmp_path)
     assert out.returncode == 2 and "no MLflow store" in out.stderr
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("real_study")
+    out = _oodlab("report", "no_such_study", "--storage", tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: no study 'no_such_study' under {tmp_path}; known: real_study"]
     import optuna
 
     s = optuna.create_study(study_name="demo", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")

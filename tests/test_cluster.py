@@ -132,3 +132,68 @@ def test_shared_storage_detection(tmp_path, monkeypatch):
     assert local != "unknown" and not stores.is_shared(str(tmp_path))
     monkeypatch.setenv("OODLAB_SHARED_FS_TYPES", local)  # e.g. a shared filesystem not in the list
     assert stores.is_shared(str(tmp_path))
+
+
+# --- Docker image and KubeRay RayJob (no engine or cluster here: parse and check them) -------------
+
+
+def test_dockerfile_builds_on_rays_pinned_image():
+    text = (REPO / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={pinned('ray')}\n" in text
+    assert "FROM rayproject/ray:${RAY_VERSION}-py311-${VARIANT}" in text and "ARG VARIANT=cpu" in text
+    assert "pip install" in text and "-e ." in text and "COPY --chown=ray:users k8s/run_study.sh" in text
+
+
+def _entrypoint_flags(job: dict) -> tuple[Path, Path, list[str]]:
+    import shlex
+
+    argv = shlex.split(job["spec"]["entrypoint"])
+    image_root = "/home/ray/oodlab/"  # where the Dockerfile puts the tree
+    assert argv[0] == "bash" and argv[1].startswith(image_root) and argv[2].startswith(image_root)
+    return REPO / argv[1].removeprefix(image_root), REPO / argv[2].removeprefix(image_root), argv[3:]
+
+
+def test_rayjob_manifest_runs_a_real_study_that_resumes_on_retry(tmp_path):
+    import importlib.util
+
+    from oodlab.study import parse_args
+
+    job = yaml.safe_load((REPO / "k8s" / "rayjob.yaml").read_text())
+    pvc = yaml.safe_load((REPO / "k8s" / "pvc.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec, ray_version = job["spec"], pinned("ray")
+    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray_version and cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (gpu,) = cluster["workerGroupSpecs"]
+    assert gpu["minReplicas"] == 0 and gpu["replicas"] == 0 and gpu["maxReplicas"] >= 1
+    worker = gpu["template"]["spec"]
+    assert head["containers"][0]["image"].endswith(f"/oodlab:ray{ray_version}-cpu")
+    assert worker["containers"][0]["image"].endswith(f"/oodlab:ray{ray_version}-gpu")
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # head and workers mount the same ReadWriteMany claim at /results
+    for pod in (head, worker):
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/results"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    script, study_file, flags = _entrypoint_flags(job)
+    assert script.is_file() and study_file.is_file()
+    mod_spec = importlib.util.spec_from_file_location("k8s_study", study_file)
+    study = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(study)
+    args = parse_args(str(study_file), study.configure, flags)  # the study's own parser
+    assert args.storage == "/results" and args.checkpoint_storage.startswith("/results/")
+    assert args.optuna_storage.startswith("journal:///results/") and not args.resume
+    assert parse_args(str(study_file), study.configure, [*flags, "--resume"]).resume
+
+    # run_study.sh: first attempt runs, a retry (the study's folder on the volume exists) resumes
+    local = [f.replace("/results", str(tmp_path / "results")) for f in flags]
+    run = lambda: subprocess.run(["bash", str(script), str(study_file), *local], capture_output=True,
+                                 text=True, env={**study_env(str(tmp_path)), "PYTHON": "echo"}, timeout=30)
+    first = run()
+    assert first.returncode == 0 and first.stdout.split()[1:] == local
+    (Path(args.checkpoint_storage.replace("/results", str(tmp_path / "results"))) / args.name).mkdir(parents=True)
+    retry = run()
+    assert retry.returncode == 0 and retry.stdout.split()[1:] == [*local, "--resume"]

@@ -19,12 +19,12 @@ TINY = ["--epochs", "3", "--train-n", "600", "--test-n", "100"]
 # A study file whose grid has one trial that diverges at epoch 2 (fail_at_epoch).
 NAN_STUDY = textwrap.dedent("""
     import sys
-    from oodlab.study import StudySpec, common_overrides, main
+    from oodlab.study import StudySpec, common_overrides, main, val_metric
     def configure(p): pass
     def build(args):
-        fixed = dict(epochs=3, train_n=400, test_n=100, **common_overrides(args))
+        fixed = dict(epochs=3, train_n=400, test_n=100, val_n=100, **common_overrides(args))
         return StudySpec(name=args.name or "nan", fixed=fixed, space={"fail_at_epoch": [None, 2]},
-                         metric="auroc_mnist_bpd")
+                         metric=val_metric(fixed, "auroc", "bpd"))
     sys.exit(main(__file__, build, configure))
 """)
 
@@ -158,29 +158,6 @@ def test_unusable_stores_and_bad_flags_are_refused(tmp_path, ray_tmp, flags, mat
     assert out.returncode == 2, out.stderr[-2000:]
     assert match in out.stderr
     assert not (tmp_path / "r").exists()
-
-
-def test_searcher_never_tells_optuna_twice(tmp_path):
-    """The SIGKILL window: Optuna recorded a trial as COMPLETE, Tune's saved searcher state
-    predates it; on resume the trial completes again and must not be told twice."""
-    import optuna
-
-    from oodlab.study import CategoricalSpace, _searcher_class
-
-    url = f"sqlite:///{tmp_path / 'o.db'}"
-    make = lambda: _searcher_class()(space=CategoricalSpace({"x": [1, 2]}), metric="m", mode="max",
-                                     study_name="s", storage=optuna.storages.RDBStorage(url))
-    first = make()
-    assert first.suggest("t1")["x"] in (1, 2)
-    first.save(str(tmp_path / "searcher.pkl"))  # the state Tune saved before the kill
-    first.on_trial_result("t1", {"m": 0.5, "training_iteration": 1})
-    first.on_trial_complete("t1", {"m": 0.7})
-    resumed = make()
-    resumed.restore(str(tmp_path / "searcher.pkl"))
-    resumed.on_trial_result("t1", {"m": 0.7, "training_iteration": 2})  # would raise UpdateFinishedTrialError
-    resumed.on_trial_complete("t1", {"m": 0.7})
-    trials = optuna.load_study(study_name="s", storage=url).trials
-    assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]
 
 
 def test_restore_takes_the_newest_readable_checkpoint(tmp_path):

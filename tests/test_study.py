@@ -5,6 +5,7 @@ systems (Tune's trial folders, Optuna's storage, MLflow's runs), not ``can_resto
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
 
     out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "best auroc_mnist_bpd" in out.stdout
+    assert "best val_auroc_" in out.stdout  # the default target is a validation metric
 
     # Ray: every trial reached epoch 3, no epoch was trained twice, and trials that had
     # finished before the kill trained nothing more (a replayed final report is not training).
@@ -100,6 +101,53 @@ def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp):
 
 
 @pytest.mark.parametrize("flags,match", [
+    (["--space", "shift=2..10"], "the grid sampler needs a list"),
+    (["--space", "shift=10..2", "--sampler", "tpe"], "lo must be below hi"),
+    (["--space", "epochs=1.5..3", "--sampler", "tpe"], "float range needs a float field"),
+    (["--set", "epochs=many"], "not an integer"),
+    (["--set", "shift"], "expected KEY=VALUE"),
+    (["--scheduler", "asha"], "grid sampler needs one completed trial per grid point"),
+    (["--target", "auroc_mnist_bpd"], "test-set metric"),
+    (["--target", "val_nope", "--sampler", "tpe"], "is not reported"),
+    (["--target", "auroc_mnist_bpd,val_id_bpd", "--mode", "max"], "--mode"),
+    (["--sampler", "cmaes", "--target", "val_id_bpd,val_id_kl"], "single-objective"),
+])
+def test_bad_search_flags_are_refused(flags, match):
+    """Flag checks of the shared search flags, in process (the exit-2 path is tested below)."""
+    import runpy
+
+    from oodlab.study import StudyError, parse_args, resolve, validate
+
+    study = runpy.run_path(str(STUDY))
+    args = parse_args(str(STUDY), study["configure"], ["--smoke", *flags])
+    with pytest.raises(StudyError, match=re.escape(match)):
+        validate(resolve(study["build"](args), args), args)
+
+
+def test_search_flags_make_the_plan():
+    import runpy
+
+    from oodlab.space import Categorical, FloatRange
+    from oodlab.study import parse_args, resolve
+
+    study = runpy.run_path(str(STUDY))
+    args = parse_args(str(STUDY), study["configure"], ["--smoke", "--sampler", "tpe", "--space", "shift=2..10",
+                                                       "--set", "lr=3e-4", "--seeds", "2", "--scheduler", "asha"])
+    plan = resolve(study["build"](args), args)
+    assert plan.space == {"shift": FloatRange(2.0, 10.0), "neg_weight": FloatRange(0.1, 10.0, log=True),
+                          "seed": Categorical((0, 1))}
+    assert plan.fixed["lr"] == 3e-4 and "lr" not in plan.space and plan.num_samples == 2 * 2  # the smoke grid's size
+    assert plan.targets == ("val_auroc_blobs_bpd",) and plan.modes == ("max",) and plan.grace_period == 1
+    grid = resolve(study["build"](args), parse_args(str(STUDY), study["configure"], ["--smoke", "--seeds", "2"]))
+    assert grid.space == {"shift": Categorical((2.0, 8.0)), "seed": Categorical((0, 1))} and grid.num_samples == 4
+    multi = parse_args(str(STUDY), study["configure"],
+                       ["--sampler", "tpe", "--target", "val_auroc_blobs_bpd,val_id_bpd"])
+    plan = resolve(study["build"](multi), multi)
+    assert plan.multi and plan.modes == ("max", "min")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--space", "bogus=1..2"], "unknown config key 'bogus'"),
     (["--ood", "bogus"], "unknown dataset"),
     (["--ood", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
     (["--id", "mnist"], "looked for"),  # offline MNIST has no train split
@@ -115,3 +163,79 @@ def test_bad_input_is_refused_before_compute(tmp_path, flags, match):
     assert match in out.stderr
     assert not (tmp_path / "r").exists()
     assert time.time() - t0 < 30
+
+
+def _optuna_trials(db: Path, name: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+
+
+@pytest.mark.slow
+def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp):
+    """TPE over a continuous shift with ASHA: SIGKILL the driver once two trials have ended,
+    resume; every trial exactly once in Optuna and MLflow, no epoch trained twice, ASHA's
+    rungs still hold the trials that ended before the kill, stopped trials are PRUNED."""
+    storage, n = tmp_path / "results", 6
+    args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "tpe", "--sampler", "tpe",
+            "--scheduler", "asha", "--num-samples", str(n), "--space", "shift=2..10", "--set", "neg_weight=1",
+            "--set", "lr=0.0003", "--set", "val_n=300", "--epochs", "3", "--train-n", "1200", "--test-n", "200"]
+    proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    ended = lambda: sum(s in ("COMPLETE", "PRUNED") for s in optuna_states(storage / "optuna.db"))
+    while ended() < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no two trials ended in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kill_leftovers(ray_tmp, proc.pid)
+    before = {t.user_attrs.get("ray_trial_id") for t in _optuna_trials(storage / "optuna.db", "tpe")
+              if t.state.name in ("COMPLETE", "PRUNED")}
+    assert 2 <= len(before) < n, "the kill came too late to test resume"
+
+    out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    # Optuna: n trials ended, each Ray trial once, none left RUNNING; shifts are continuous.
+    trials = _optuna_trials(storage / "optuna.db", "tpe")
+    ended_trials = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(ended_trials) == n and not [t for t in trials if t.state.name == "RUNNING"]
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in ended_trials]
+    assert len(set(ray_ids)) == n and before <= set(ray_ids)
+    assert any(not float(t.params["shift"]).is_integer() for t in ended_trials)
+    pruned = [t for t in ended_trials if t.state.name == "PRUNED"]
+    assert pruned, "ASHA stopped no trial"
+    assert all(t.user_attrs["stopped_at_epoch"] < 3 and t.value is not None for t in pruned)
+
+    # ASHA: the first rung holds every trial, those that ended before the kill included.
+    rungs = json.loads((storage / "asha" / "tpe.json").read_text())[0]
+    first_rung = dict(rungs[-1][1])
+    assert rungs[-1][0] == 1 and set(first_rung) == set(ray_ids)
+
+    # Tune: no epoch trained twice.
+    for d in (storage / "ray" / "tpe").glob("trial_*"):
+        trained = [json.loads(line)["epoch"] for line in (d / "result.json").read_text().splitlines()
+                   if not json.loads(line).get("replayed")]
+        assert len(trained) == len(set(trained)), (d.name, trained)
+
+    # MLflow: one child per trial; validation and test metrics; stopped ones say where they stopped.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tpe")
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "trial"]
+    assert sorted(r.data.tags["ray_trial_id"] for r in children) == sorted(ray_ids)
+    stopped = {t.user_attrs["ray_trial_id"]: t.user_attrs["stopped_at_epoch"] for t in pruned}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert any(k.startswith("val_auroc_") for k in r.data.metrics) and "auroc_mnist_bpd" in r.data.metrics
+        tid = r.data.tags["ray_trial_id"]
+        last = stopped.get(tid, 3)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == list(range(1, last + 1))
+        assert (r.data.tags.get("oodlab.stopped_at_epoch") == str(last)) == (tid in stopped)
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "parent")
+    assert parent.info.status == "FINISHED" and parent.data.tags["oodlab.target"].startswith("val_")
+    assert "search/optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}

@@ -38,7 +38,9 @@ PERTURBATIONS = ("svd", "dct", "gb", "random")
 # ---------------------------------------------------------------- NLL (IWAE)
 
 
-def iwae_from_stats(model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def iwae_from_stats(
+    model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
     """log (1/k Σ_i p(x|z_i) p(z_i) / q(z_i|x)), z_i = μ + σ·eps_i; x (B,C,H,W), eps (B,k,D) -> (B,)."""
     b, k, d = eps.shape
     z = reparameterize(mu[:, None], logvar[:, None], eps=eps)  # (B, k, D)
@@ -167,7 +169,8 @@ def parse_perturbation(spec: str) -> tuple[str, float]:
     try:
         val = float(arg)
     except ValueError:
-        raise ValueError(f"perturbation {spec!r} needs a number, e.g. {kind}:{'0.3' if kind == 'random' else '28'}") from None
+        example = "0.3" if kind == "random" else "28"
+        raise ValueError(f"perturbation {spec!r} needs a number, e.g. {kind}:{example}") from None
     if kind == "random" and not 0 < val <= 1:
         raise ValueError(f"random:μ needs μ in (0, 1], got {val}")
     if kind in ("svd", "dct") and (val < 1 or not val.is_integer()):
@@ -204,12 +207,12 @@ def perturb(x_u8: torch.Tensor, spec: str, generator: torch.Generator | None = N
         x = u @ torch.diag_embed(s) @ vh
     else:  # dct: keep the K largest-magnitude coefficients per image and channel
         d = _dct_matrix(x.shape[-1], x.device)
-        c = d @ x @ d.T
-        flat = c.flatten(2)
+        coef = d @ x @ d.T
+        flat = coef.flatten(2)
         k = min(int(val), flat.shape[-1])
         thr = flat.abs().topk(k, dim=-1).values[..., -1:]
-        c = torch.where(flat.abs() >= thr, flat, torch.zeros_like(flat)).view_as(c)
-        x = d.T @ c @ d
+        coef = torch.where(flat.abs() >= thr, flat, torch.zeros_like(flat)).view_as(coef)
+        x = d.T @ coef @ d
     return x.round().clamp(0, 255).to(torch.uint8)
 
 

@@ -173,6 +173,8 @@ def latent_axis_figure(axis0: dict[str, np.ndarray], path: Path) -> None:
 class Config(TrialConfig):
     method: str = "mixture"
     id: str = "fashion_mnist[labels=1,7]"  # paper §5.3: Trouser and Sneaker
+    val_n: int = 1000  # of the 12,000 training images of classes 1 and 7
+    val_ood: tuple[str, ...] = ("blobs", "fashion_mnist[labels=0,2-6,8,9]")  # blobs; the ID set's other classes
     lr: float = 1e-3  # paper: Adam(β1=0.5, β2=0.9), constant 1e-3
     # --- model ---
     model: str = "vae"  # "vae" (Table 2/3 with 256-way categorical decoder) | "glow" (Appendix B)
@@ -185,7 +187,8 @@ class Config(TrialConfig):
     family: str = "gaussian"  # component family: "gaussian" | "gen_gaussian"
     beta: float = 4.0  # generalized-Gaussian shape (paper: 4); unused for gaussian
     components: int = 2  # K; 1 = standard N(0, I) prior (the baseline)
-    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2) or d·e_i (K > 2); paper: VAE 150, Glow 100
+    distance: float = 150.0  # d: means ±d/2·e_1 (K = 2), d·e_i or d·i·e_1 (K > 2); paper: VAE 150, Glow 100 (K=4: 200)
+    layout: str = "auto"  # K > 2 means: axes (d·e_i) | line ([d·i, 0, …]) | auto (paper §5.4: VAE axes, Glow line)
     assignment: str = "labels"  # how training images get components: "labels" | "kmeans"
     # --- evaluation ---
     is_samples: int = 64  # importance samples per test image (paper: 5000)
@@ -204,17 +207,22 @@ class Config(TrialConfig):
             (self.glow_steps >= 1, f"glow_steps must be >= 1, got {self.glow_steps}"),
             (self.glow_hidden >= 1, f"glow_hidden must be >= 1, got {self.glow_hidden}"),
             (1 <= self.glow_squeezes <= 4, f"glow_squeezes must be in 1..4, got {self.glow_squeezes}"),
+            (self.layout in ("auto", "axes", "line"), f"layout must be auto, axes or line; got {self.layout!r}"),
             (0 <= self.distance <= 10_000, f"distance must be in [0, 10000], got {self.distance}"),
             (self.is_samples >= 1, f"is_samples must be >= 1, got {self.is_samples}"),
             (self.is_max_rows >= 1, f"is_max_rows must be >= 1, got {self.is_max_rows}"),
         ])
-
         if self.model == "vae":  # Glow's latent size is known only with the data (check_data)
             self.check_components(self.latent_dim)
 
+    @property
+    def mean_layout(self) -> str:
+        """The K > 2 mean layout: ``layout``, or the paper's for the model (§5.4)."""
+        return self.layout if self.layout != "auto" else ("line" if self.model == "glow" else "axes")
+
     def check_components(self, dim: int) -> None:
         try:
-            check_components(self.components, dim)
+            check_components(self.components, dim, self.mean_layout)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -260,7 +268,8 @@ class Experiment(BaseExperiment[Config]):
         self.model: glow.Glow | CatVAE = (glow.Glow(mcfg) if isinstance(mcfg, glow.GlowConfig) else CatVAE(mcfg)).to(
             self.device)
         dim = self.model.dims if isinstance(self.model, glow.Glow) else cfg.latent_dim
-        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device)
+        self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device,
+                                        cfg.mean_layout)
         self.comp = self._assign(train)  # (N,) component of each training image
         if isinstance(self.model, glow.Glow):
             # Data-dependent actnorm init on up to 512 training images (fixed dequantization draw).
@@ -298,7 +307,7 @@ class Experiment(BaseExperiment[Config]):
         self.model.eval()
         gen = self.score_generator()
         out, comps, axis0 = {}, {}, {}
-        for name, s in self.test.items():
+        for name, s in self.eval_sets.items():
             nll, mus = [], []
             for i in range(0, len(s), self.cfg.eval_batch_size):
                 if isinstance(self.model, glow.Glow):  # exact likelihood; "posterior mean" = z itself

@@ -197,6 +197,11 @@ class Config(TrialConfig):
     def score_names(self) -> tuple[str, ...]:
         return ("bpd", "kl", "iwae") if self.iwae_k > 0 else ("bpd", "kl")
 
+    def training_sets(self) -> list[str]:
+        """The aux set, or the noise distribution the negatives are drawn from ("random" is uniform noise)."""
+        return {"aux": [self.aux], "gaussian_noise": ["gaussian_noise"], "uniform_noise": ["uniform_noise"],
+                "random": ["uniform_noise"]}.get(self.negatives, [])
+
     def check_data(self, sets: SetInfos) -> None:
         super().check_data(sets)
         shape = sets[(self.id, "train")].shape
@@ -293,7 +298,7 @@ class Experiment(BaseExperiment[Config]):
         self.model.eval()
         gen = self.score_generator()
         return score_sets(
-            self.test, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
+            self.eval_sets, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
         )
 
     @torch.no_grad()

@@ -114,7 +114,7 @@ def basis_mix_directions(jac: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     piv = rref_pivots(a)
     r = torch.linalg.solve(torch.gather(a, 2, piv.unsqueeze(1).expand(-1, a.shape[1], -1)), a)  # (B, d, D)
     free = torch.ones_like(weights, dtype=torch.bool).scatter(1, piv, False)
-    c = torch.where(free, weights.double() / (1 + r.pow(2).sum(1)).sqrt(), torch.zeros((), dtype=a.dtype, device=a.device))
+    c = torch.where(free, weights.double() / (1 + r.pow(2).sum(1)).sqrt(), a.new_zeros(()))
     v = c.scatter_add(1, piv, -(r @ c.unsqueeze(-1)).squeeze(-1))
     return (v / v.norm(dim=1, keepdim=True)).to(jac.dtype)
 
@@ -180,7 +180,7 @@ def fit_latent_gaussians(mu: torch.Tensor, y: torch.Tensor, n_classes: int, quan
         cov = torch.cov(zc.T) + 1e-6 * torch.eye(d, dtype=zc.dtype, device=zc.device)
         means.append(zc.mean(0))
         chols.append(torch.linalg.cholesky(cov))
-    g = LatentGaussians(torch.stack(means).float(), torch.stack(chols).float(), torch.zeros(n_classes, device=mu.device))
+    g = LatentGaussians(torch.stack(means).float(), torch.stack(chols).float(), mu.new_zeros(n_classes))
     r = mahalanobis_radius(mu, y, g)
     g.r95 = torch.stack([torch.quantile(r[y == c], quantile) for c in range(n_classes)])
     return g
@@ -214,6 +214,8 @@ class Config(TrialConfig):
     method: str = "oodgen"
     id: str = "fashion_mnist[labels=0-4]"  # ID classes (labels are remapped to 0..n-1)
     ood: tuple[str, ...] = FMNIST_OOD
+    val_n: int = 2500  # of the 30,000 training images of classes 0-4
+    val_ood: tuple[str, ...] = ("blobs", "constant")  # FMNIST_OOD holds every other offline set
     epochs: int = 10  # classifier epochs (the CVAE trains first, `cvae_epochs` passes, inside epoch 1)
     batch_size: int = 128
     lr: float = 0.1  # classifier learning rate (paper: Adadelta 0.1 for Fashion-MNIST, 0.01 for MNIST)
@@ -251,11 +253,14 @@ class Config(TrialConfig):
             (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
             (self.cvae_epochs >= 1, f"cvae_epochs must be >= 1, got {self.cvae_epochs}"),
             (self.cvae_arch in ("authors", "text"), f"cvae_arch must be authors or text, got {self.cvae_arch!r}"),
-            (self.cvae_optimizer in CVAE_OPTIMIZERS, f"cvae_optimizer must be one of {CVAE_OPTIMIZERS}, got {self.cvae_optimizer!r}"),
-            (self.type1_direction in DIRECTIONS, f"type1_direction must be one of {DIRECTIONS}, got {self.type1_direction!r}"),
+            (self.cvae_optimizer in CVAE_OPTIMIZERS,
+             f"cvae_optimizer must be one of {CVAE_OPTIMIZERS}, got {self.cvae_optimizer!r}"),
+            (self.type1_direction in DIRECTIONS,
+             f"type1_direction must be one of {DIRECTIONS}, got {self.type1_direction!r}"),
             (self.beta_sign in SIGNS, f"beta_sign must be one of {SIGNS}, got {self.beta_sign!r}"),
             (0 < self.cvae_lr < 1, f"cvae_lr must be in (0, 1), got {self.cvae_lr}"),
-            (0 <= self.beta_low <= self.beta_high, f"need 0 <= beta_low <= beta_high, got {self.beta_low}, {self.beta_high}"),
+            (0 <= self.beta_low <= self.beta_high,
+             f"need 0 <= beta_low <= beta_high, got {self.beta_low}, {self.beta_high}"),
             (self.radius_factor >= 1, f"radius_factor must be >= 1 (outside the ellipsoid), got {self.radius_factor}"),
             (0 < self.quantile < 1, f"quantile must be in (0, 1), got {self.quantile}"),
             (0 <= self.type1_frac <= 1, f"type1_frac must be in [0, 1], got {self.type1_frac}"),
@@ -293,7 +298,8 @@ class Config(TrialConfig):
 
     def score_names(self) -> tuple[str, ...]:
         base = ("n1_prob",)
-        return base + (("msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident") if self.baselines else ())
+        baselines = ("msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")
+        return base + (baselines if self.baselines else ())
 
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -308,6 +314,8 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 class Experiment(BaseExperiment[Config]):
     """CVAE, (n+1)-class classifier and (optionally) the baselines' classifiers of one trial."""
+
+    cfg: Config
 
     def __init__(self, cfg: Config):
         train = self.start(cfg)
@@ -339,7 +347,9 @@ class Experiment(BaseExperiment[Config]):
         self.cvae.train()
         total, n = 0.0, 0
         for _ in range(epochs):
-            for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
+            batches = data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen,
+                                         device=self.device)
+            for idx in batches:
                 x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
                 loss = -self.cvae.elbo_terms(x, y, self.gen, sample=self.cfg.cvae_sample)["elbo"].mean()
                 descend(self.cvae_opt, loss)
@@ -356,12 +366,13 @@ class Experiment(BaseExperiment[Config]):
         return torch.cat([self.cvae.encode(data.to_float(self.train_x[i : i + bs]), self.train_y[i : i + bs])[0]
                           for i in range(0, len(self.train_x), bs)])
 
-    def generate(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, m: int) -> tuple[torch.Tensor, int]:
         """m OOD samples (Type I then Type II) from random training images / labels, and the Type I count."""
         cfg = self.cfg
         j = torch.randint(len(self.train_x), (m,), generator=self.gen, device=self.device)
         m1 = round(cfg.type1_frac * m)
         x1 = type1(self.cvae, data.to_float(self.train_x[j[:m1]]), self.train_y[j[:m1]], cfg.type1_spec, self.gen)
+        assert self.latents is not None, "train_cvae fits the latent Gaussians first"
         x2 = type2(self.cvae, self.latents, self.train_y[j[m1:]], cfg.radius_factor, self.gen)
         return torch.cat([x1, x2]), m1
 
@@ -394,7 +405,8 @@ class Experiment(BaseExperiment[Config]):
         """Weighted cross-entropy over n ID classes + the OOD class n (paper §3.2, §4.3)."""
         logits = self.clf["n1"](torch.cat([x, x_ood]))
         target = torch.cat([y, torch.full((len(x_ood),), self.n, device=self.device)])
-        w = torch.cat([torch.ones(len(x), device=self.device), torch.full((len(x_ood),), self.cfg.ood_weight, device=self.device)])
+        w = torch.cat([torch.ones(len(x), device=self.device),
+                       torch.full((len(x_ood),), self.cfg.ood_weight, device=self.device)])
         return self._update("n1", (w * F.cross_entropy(logits, target, reduction="none")).mean())
 
     def step_plain(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -431,11 +443,12 @@ class Experiment(BaseExperiment[Config]):
             m.eval()
         maha = None
         if cfg.baselines:
-            maha = cb.MahalanobisDetector(cfg.maha_eps).fit(self.clf["plain"], data.to_float(self.train_x), self.train_y, self.n)
+            maha = cb.MahalanobisDetector(cfg.maha_eps).fit(self.clf["plain"], data.to_float(self.train_x),
+                                                            self.train_y, self.n)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # MC-dropout draws must not move training's RNG
             torch.manual_seed(cfg.seed + 1)
-            return score_sets(self.test, cfg.eval_batch_size, lambda x: self.score_batch(x, maha))
+            return score_sets(self.eval_sets, cfg.eval_batch_size, lambda x: self.score_batch(x, maha))
 
     def score_batch(self, x: torch.Tensor, maha: cb.MahalanobisDetector | None) -> dict[str, torch.Tensor]:
         """Every detector's score for one batch, (B,) each, higher = more OOD."""
@@ -465,6 +478,7 @@ class Experiment(BaseExperiment[Config]):
         x, y = data.to_float(self.train_x[j]), self.train_y[j]
         x1 = type1(self.cvae, x, y, self.cfg.type1_spec, gen)
         diff = (x1 - x).abs()
+        assert self.latents is not None, "train_cvae fits the latent Gaussians first"
         x2 = type2(self.cvae, self.latents, y, self.cfg.radius_factor, gen)
         rows = [("ID training images", x), ("Type I: x ± βv (clipped to [0,1])", x1.clamp(0, 1)),
                 ("|x̃ − x| scaled to max", diff / diff.flatten(1).amax(1).view(-1, 1, 1, 1)),

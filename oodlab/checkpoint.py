@@ -1,0 +1,33 @@
+"""The trial checkpoint format, shared by the trainable (writes it) and tracking (reads it).
+
+A checkpoint folder holds ``STATE_FILE`` (model, optimizer, epoch and RNG state); the
+final one also holds ``SCORES_FILE`` (raw scores), ``METRICS_FILE`` (the metric table)
+and ``ARTIFACTS_DIR`` (method-specific files, logged to MLflow as they are).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STATE_FILE = "state.pt"
+SCORES_FILE = "scores.npz"
+METRICS_FILE = "metrics.json"
+ARTIFACTS_DIR = "artifacts"
+
+
+def save_scores(path: Path, scores: dict[str, dict[str, np.ndarray]]) -> None:
+    """Flatten {set: {score: array}} into one npz with keys ``set/score``."""
+    flat: dict[str, Any] = {f"{s}/{k}": v for s, d in scores.items() for k, v in d.items()}
+    np.savez_compressed(path, **flat)
+
+
+def load_scores(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            s, k = key.split("/", 1)
+            out.setdefault(s, {})[k] = z[key]
+    return out

@@ -1,0 +1,19 @@
+"""Names of the MLflow tags and Optuna attributes a study writes: one place, so the
+runner, tracking, reports and tests agree."""
+
+STUDY = "oodlab.study"  # study name, on parent and child runs
+ROLE = "oodlab.role"  # "parent" | "trial"
+TRIAL = "ray_trial_id"  # Ray trial id of a child run (also an Optuna user attr)
+ERROR = "oodlab.error"  # why a trial failed
+METRICS = "oodlab.metrics"  # final AUROC table of a trial, JSON
+DEVICE = "device"  # where the trial trained
+STOPPED_EARLY = "oodlab.stopped_early"  # "true" when the scheduler stopped the trial
+STOPPED_AT_EPOCH = "oodlab.stopped_at_epoch"  # the last epoch such a trial trained
+ALLOW_TEST_TARGET = "oodlab.allow_test_target"  # "true" when the target is a test metric, on request
+TARGET = "oodlab.target"  # the study's target metric(s), comma-separated
+SAMPLER = "oodlab.sampler"
+SCHEDULER = "oodlab.scheduler"
+PARENT = "mlflow.parentRunId"  # MLflow's own: nests a child run under the parent
+
+OPTUNA_ERROR = "error"  # Optuna user attr: why the trial failed
+OPTUNA_NUM_SAMPLES = "num_samples"  # Optuna study user attr: trials requested (done vs interrupted)

@@ -1,0 +1,216 @@
+"""The one module that touches private Ray Tune / Optuna attributes; nothing else may.
+
+Why each is needed:
+
+* ``OptunaSearch._ot_trials`` / ``_ot_study`` / ``_completed_trials``: the searcher must
+  never tell Optuna twice (a driver killed after Optuna recorded a trial but before Tune
+  saved its state sees that trial finish again on resume), must record the Ray trial id
+  and a failure's reason on the Optuna trial, and must tell Optuna PRUNED for a trial the
+  scheduler stopped early (Ray would tell COMPLETE with the value at the stopping epoch).
+* ``Study._storage`` / ``FrozenTrial._trial_id``: reconcile trials Tune will never finish.
+* ``searcher-state-*.pkl`` (OptunaSearch's pickled ``__dict__``): which Optuna trials a
+  restored Tune experiment still tracks.
+* ``AsyncHyperBandScheduler._brackets`` / ``_Bracket._rungs``: Tune does not save the
+  scheduler with its experiment state (``TuneController.save_to_dir``), so a resumed ASHA
+  would start with empty rungs; ``PersistentASHA`` keeps them in a JSON file.
+
+``check_private_api`` asserts every attribute exists, so an upgrade that renames one fails
+a fast test (tests/test_tune_internals.py) instead of a study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from oodlab import tags
+
+log = logging.getLogger(__name__)
+SEARCHER_STATE_GLOB = "searcher-state-*.pkl"  # Searcher.CKPT_FILE_TMPL in Tune's experiment folder
+
+
+def check_private_api() -> None:
+    """Raise AssertionError naming any private attribute this module relies on that is gone."""
+    import optuna
+    from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler, _Bracket
+    from ray.tune.search.optuna import OptunaSearch
+
+    def space(t: Any) -> None:
+        t.suggest_float("x", 0, 1)
+
+    s = OptunaSearch(space=space, metric="m", mode="max")
+    for attr in ("_ot_trials", "_ot_study", "_completed_trials", "_metric"):
+        assert hasattr(s, attr), f"ray OptunaSearch lost {attr}"
+    assert hasattr(s._ot_study, "_storage"), "optuna Study lost _storage"
+    st = optuna.create_study()
+    st.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert hasattr(st.trials[0], "_trial_id"), "optuna FrozenTrial lost _trial_id"
+    for name in ("set_trial_system_attr", "set_trial_state_values", "set_trial_user_attr", "get_trial"):
+        assert hasattr(st._storage, name), f"optuna storage lost {name}"
+    sched = AsyncHyperBandScheduler(metric="m", mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    assert isinstance(sched._brackets[0], _Bracket) and isinstance(sched._brackets[0]._rungs, list)
+    milestone, recorded = sched._brackets[0]._rungs[0]
+    assert isinstance(recorded, dict) and milestone == 4
+    from ray.tune.search import Searcher
+
+    assert Searcher.CKPT_FILE_TMPL.format("*") == SEARCHER_STATE_GLOB, "Tune renamed its searcher-state file"
+
+
+# ---------------------------------------------------------------- the searcher
+
+
+def searcher_class() -> type:
+    """OptunaSearch that records the Ray trial id and failure reasons on Optuna trials, tells
+    Optuna PRUNED for trials stopped before ``max_epoch``, and never tells Optuna twice."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Searcher(OptunaSearch):
+        def __init__(self, *args: Any, max_epoch: int | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.max_epoch = max_epoch
+
+        @property
+        def study(self) -> Any:
+            return self._ot_study
+
+        def _finished_in_optuna(self, trial_id: str) -> bool:
+            ot = self._ot_trials.get(trial_id)
+            return ot is not None and self.study._storage.get_trial(ot._trial_id).state.is_finished()
+
+        def _report(self, trial_id: str, result: dict) -> None:
+            """The target at this epoch as Optuna's intermediate value (steps = epochs, not Tune's iterations)."""
+            value = result.get(self._metric) if isinstance(self._metric, str) else None
+            ot = self._ot_trials.get(trial_id)
+            if ot is not None and isinstance(value, (int, float)) and value == value and "epoch" in result:
+                ot.report(float(value), int(result["epoch"]))
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self._completed_trials or self._finished_in_optuna(trial_id):
+                return
+            self._report(trial_id, result)  # multi-objective: Optuna takes no intermediate values; skipped
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials:
+                return
+            if self._finished_in_optuna(trial_id):
+                self._completed_trials.add(trial_id)
+                return
+            ot = self._ot_trials.get(trial_id)
+            if ot is not None:
+                storage, tid = self.study._storage, ot._trial_id
+                storage.set_trial_user_attr(tid, tags.TRIAL, trial_id)
+                reason = (result or {}).get("error") or (
+                    f"trial errored (see MLflow tag {tags.ERROR})" if error else None)
+                if reason:
+                    storage.set_trial_user_attr(tid, tags.OPTUNA_ERROR, str(reason)[:2000])
+                epoch = (result or {}).get("epoch")
+                if not error and not (result or {}).get("error") and self.max_epoch and epoch \
+                        and epoch < self.max_epoch:
+                    storage.set_trial_user_attr(tid, "stopped_at_epoch", int(epoch))
+                    self._report(trial_id, result or {})  # the value it was stopped with
+                    # PRUNED (value = last intermediate): TPE ranks it by that value, CMA-ES and random skip it
+                    self.study.tell(ot, state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                    return
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return Searcher
+
+
+def known_optuna_trials(exp_dir: Path) -> set[int] | None:
+    """Optuna trial numbers that Tune's saved searcher state tracks (None if none saved)."""
+    states = sorted(exp_dir.glob(SEARCHER_STATE_GLOB), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return None
+    with open(states[-1], "rb") as f:
+        saved = pickle.load(f)
+    return {t.number for t in saved.get("_ot_trials", {}).values()}
+
+
+def reconcile_optuna(storage: Any, study: str, keep: set[int] | None = None) -> int:
+    """Mark RUNNING Optuna trials that Tune will never finish as FAIL; returns how many.
+
+    A driver killed between Optuna's ``ask`` and Tune's state save leaves such orphans;
+    left RUNNING they would also block their grid point. ``keep``: numbers Tune resumes.
+    """
+    import optuna
+
+    try:
+        s = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        return 0
+    stale = [t for t in s.get_trials(deepcopy=False)
+             if t.state == optuna.trial.TrialState.RUNNING and t.number not in (keep or set())]
+    for t in stale:
+        if "grid_id" in t.system_attrs:  # free its grid point: GridSampler counts FAIL as visited
+            s._storage.set_trial_system_attr(t._trial_id, "grid_id", -1)
+        s._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+# ---------------------------------------------------------------- ASHA that survives a resume
+
+
+def persistent_asha(state_file: Path, **kwargs: Any) -> Any:
+    """An ASHAScheduler whose rungs live in ``state_file`` too: written when a rung records a
+    trial, read back when a restored experiment adds its first trial."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class PersistentASHA(ASHAScheduler):
+        def __init__(self, state_file: str, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.state_file = state_file
+            self._loaded = False
+
+        def _rungs(self) -> list[list[list[Any]]]:
+            return [[[m, dict(r)] for m, r in b._rungs] for b in self._brackets]
+
+        def _load(self) -> None:
+            self._loaded = True
+            if not os.path.exists(self.state_file):
+                return
+            saved = json.loads(Path(self.state_file).read_text())
+            for bracket, rungs in zip(self._brackets, saved):
+                by_milestone = {float(m): r for m, r in rungs}
+                for milestone, recorded in bracket._rungs:
+                    recorded.update(by_milestone.get(float(milestone), {}))
+            log.info("ASHA rungs restored from %s", self.state_file)
+
+        def _save(self, before: list) -> None:
+            after = self._rungs()
+            if after != before:
+                tmp = f"{self.state_file}.tmp"
+                Path(tmp).write_text(json.dumps(after))
+                os.replace(tmp, self.state_file)
+
+        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+            if not self._loaded:
+                self._load()
+            super().on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            before = self._rungs()
+            action = super().on_trial_result(tune_controller, trial, result)
+            self._save(before)
+            return action
+
+        def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+            before = self._rungs()
+            if trial.trial_id in self._trial_info:
+                super().on_trial_complete(tune_controller, trial, result)
+            self._save(before)
+
+        def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+            self._trial_info.pop(trial.trial_id, None)
+
+    return PersistentASHA(str(state_file), **kwargs)
+
+
+def asha_rungs(state_file: Path) -> list[list[list[Any]]]:
+    """The saved rungs, ``[bracket][rung] = [milestone, {trial_id: signed value}]`` (tests, reports)."""
+    return json.loads(state_file.read_text()) if state_file.exists() else []

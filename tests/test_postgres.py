@@ -1,0 +1,209 @@
+"""Durable, shared stores for real: studies against a PostgreSQL server the suite starts itself
+(Optuna and MLflow), SIGKILL + --resume there, two studies at once on one store, `oodlab export`
+read back and opened elsewhere, Optuna's journal file storage, and bad store URLs refused."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import kill_leftovers, study_env
+from pg_server import pg_bin, postgres
+from ray_head import free_port
+
+from oodlab import stores
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "negprior_shift.py"
+TINY = ["--epochs", "2", "--train-n", "300", "--test-n", "100"]
+
+
+@pytest.fixture(scope="module")
+def pg():
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin or PATH); "
+                    ".ci/run installs them with `apt-get install -y postgresql`")
+    with postgres(bindir) as server:
+        yield server
+
+
+def pg_states(url: str) -> list[str]:
+    """States of the Optuna trials in a PostgreSQL storage (cheap to poll)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url) as c:
+            return [r[0] for r in c.execute("select state from trials")]
+    except psycopg.errors.UndefinedTable:
+        return []
+
+
+def _oodlab(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "oodlab.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def _trials(storage, study):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage).trials
+
+
+def _runs(uri, study):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(study).experiment_id])
+    by_role = {role: [r for r in runs if r.data.tags.get("oodlab.role") == role] for role in ("parent", "trial")}
+    return client, by_role["parent"], by_role["trial"]
+
+
+@pytest.mark.slow
+def test_study_on_postgres_survives_sigkill_then_exports(tmp_path, ray_tmp, pg):
+    ot, ml = pg.createdb("optuna_e2e"), pg.createdb("mlflow_e2e")
+    storage = tmp_path / "r"
+    args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "pg", "--shifts", "2,4,6", *TINY,
+            "--max-concurrent", "1", "--optuna-storage", ot, "--mlflow-uri", ml]
+    proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while pg_states(ot).count("COMPLETE") < 1:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kill_leftovers(ray_tmp, proc.pid)
+    assert pg_states(ot).count("COMPLETE") < 3, "the kill came too late to test resume"
+
+    out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not (storage / "optuna.db").exists() and not (storage / "mlflow.db").exists()  # the server holds them
+
+    trials = _trials(ot, "pg")  # one COMPLETE trial per grid point, none left RUNNING
+    assert sorted(t.params["shift"] for t in trials if t.state.name == "COMPLETE") == [2.0, 4.0, 6.0]
+    assert "RUNNING" not in {t.state.name for t in trials}
+    client, parents, children = _runs(ml, "pg")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    for r in children:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+
+    # export, move the folder (another machine), read it back and open it with `oodlab ui`
+    exported = tmp_path / "export"
+    out = _oodlab("export", "pg", exported, "--storage", storage, "--optuna-storage", ot, "--mlflow-uri", ml)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 Optuna trials, 4 MLflow runs" in out.stdout, out.stdout
+    moved = tmp_path / "elsewhere"
+    shutil.move(exported, moved)
+    ex_trials = _trials(stores.default_optuna_url(moved), "pg")
+    assert [(t.number, t.state.name, t.params, t.value) for t in ex_trials] == \
+        [(t.number, t.state.name, t.params, t.value) for t in trials]
+    ex_client, ex_parents, ex_children = _runs(stores.default_mlflow_uri(moved), "pg")
+    assert len(ex_parents) == 1 and len(ex_children) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in ex_children} == {ex_parents[0].info.run_id}
+    src_by_name = {r.info.run_name: r for r in children}
+    for r in ex_children:
+        src = src_by_name[r.info.run_name]
+        assert r.info.status == "FINISHED" and r.data.params == src.data.params and r.data.metrics == src.data.metrics
+        assert [m.step for m in ex_client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+    out = _oodlab("list", "--storage", moved)
+    assert out.returncode == 0 and next(ln for ln in out.stdout.splitlines() if ln.startswith("pg")).split()[1] == "3"
+
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "oodlab.cli", "ui", "--storage", str(moved), "--port", str(port)],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run = ex_children[0]
+        path = run.info.artifact_uri.removeprefix("mlflow-artifacts:/") + "/metrics.json"
+        body = _get(f"http://127.0.0.1:{port}/api/2.0/mlflow-artifacts/artifacts/{path}", deadline=time.time() + 90)
+        assert json.loads(body) == json.loads(
+            (moved / "mlartifacts" / path).read_text())  # the UI serves the moved folder's artifacts
+    finally:
+        os.killpg(ui.pid, signal.SIGKILL)
+        ui.wait()
+
+
+def _get(url: str, deadline: float) -> bytes:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.mark.slow
+def test_two_studies_at_once_share_one_store(tmp_path, ray_tmp, pg):
+    """Same --storage folder (one sqlite mlflow.db, created by both at once) and one fresh
+    PostgreSQL Optuna database: both studies finish."""
+    ot = pg.createdb("optuna_shared")
+    storage = tmp_path / "shared"
+
+    def start(name):
+        return subprocess.Popen([sys.executable, str(STUDY), "--storage", str(storage), "--name", name,
+                                 "--shifts", "2", "--epochs", "1", "--train-n", "300", "--test-n", "100",
+                                 "--optuna-storage", ot], env=study_env(ray_tmp), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    procs = [start("first"), start("second")]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    for name in ("first", "second"):
+        assert [t.state.name for t in _trials(ot, name)] == ["COMPLETE"]
+        _, parents, children = _runs(stores.default_mlflow_uri(storage), name)
+        assert len(parents) == 1 and [r.info.status for r in children] == ["FINISHED"]
+
+
+def test_bad_or_unreachable_store_is_refused_before_compute(tmp_path, pg, capsys):
+    """In-process (one import of the stack for all cases): the study's own main, before Ray starts."""
+    import importlib.util
+
+    import optuna
+
+    ot = pg.createdb("optuna_taken")
+    optuna.create_study(study_name="taken", storage=ot)
+    spec = importlib.util.spec_from_file_location("negprior_shift_study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for flags, match in [
+        (["--optuna-storage", "redis://127.0.0.1:1/0"], "expected sqlite:///"),
+        (["--optuna-storage", "journal://relative.log"], "absolute path"),
+        (["--optuna-storage", f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x"], "cannot reach the database"),
+        (["--mlflow-uri", f"postgresql://postgres@127.0.0.1:{pg.port}/no_such_db"], "cannot reach"),
+        (["--optuna-storage", ot, "--name", "taken"], "already exists in --optuna-storage"),
+    ]:
+        argv = ["--smoke", "--train-n", "100", "--test-n", "50", "--storage", str(tmp_path / "r"), *flags]
+        assert study.main(str(STUDY), study.build, study.configure, argv) == 2
+        err = capsys.readouterr().err
+        assert match in err and "secret" not in err, err[-2000:]  # passwords are not printed
+        assert not (tmp_path / "r").exists()
+    out = _oodlab("list", "--optuna-storage", f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x")
+    assert out.returncode == 2 and "cannot reach the database" in out.stderr and "secret" not in out.stderr
+
+
+def test_journal_file_storage_round_trip(tmp_path):
+    """Optuna's journal file storage (the NFS-safe choice): trials persist across processes and the
+    storage pickles (Tune saves the searcher, storage included)."""
+    import optuna
+
+    url = stores.optuna_url(f"journal://{tmp_path}/nfs/optuna.log", tmp_path)
+    s = optuna.create_study(study_name="j", storage=stores.optuna_storage(url), direction="maximize")
+    s.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    pickle.loads(pickle.dumps(stores.optuna_storage(url)))
+    code = ("import optuna, sys; from oodlab import stores; "
+            f"print(len(optuna.load_study(study_name='j', storage=stores.optuna_storage({url!r})).trials))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "3", out.stderr

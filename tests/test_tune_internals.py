@@ -1,0 +1,68 @@
+"""The private Ray Tune / Optuna API that oodlab.tune_internals relies on is still there, and
+ASHA's rungs survive a restart through their state file. Fast: no Ray cluster is started."""
+
+from types import SimpleNamespace
+
+import optuna
+
+from oodlab import tune_internals
+
+
+def test_private_api_still_exists():
+    tune_internals.check_private_api()  # fails loudly, naming the attribute, after an upgrade renames one
+
+
+def _trial(tid):
+    return SimpleNamespace(trial_id=tid)  # ASHA reads only the id of a trial
+
+
+def test_asha_rungs_survive_a_new_scheduler(tmp_path):
+    state = tmp_path / "asha.json"
+    make = lambda: tune_internals.persistent_asha(state, time_attr="epoch", metric="m", mode="max", max_t=4,
+                                                  grace_period=1, reduction_factor=2)
+    a = make()
+    for tid, value in (("t1", 0.8), ("t2", 0.9)):
+        a.on_trial_add(None, _trial(tid))
+        assert a.on_trial_result(None, _trial(tid), {"epoch": 1, "m": value}) == "CONTINUE"
+    rungs = tune_internals.asha_rungs(state)
+    assert rungs[0][-1] == [1, {"t1": 0.8, "t2": 0.9}]  # milestone 1 recorded both
+
+    b = make()  # a resumed driver: fresh scheduler, same file
+    b.on_trial_add(None, _trial("t3"))
+    assert b.on_trial_result(None, _trial("t3"), {"epoch": 1, "m": 0.1}) == "STOP"  # below the restored cutoff
+    fresh = tune_internals.persistent_asha(tmp_path / "other.json", time_attr="epoch", metric="m", mode="max",
+                                           max_t=4, grace_period=1, reduction_factor=2)
+    fresh.on_trial_add(None, _trial("t3"))
+    assert fresh.on_trial_result(None, _trial("t3"), {"epoch": 1, "m": 0.1}) == "CONTINUE"  # empty rungs: no cutoff
+
+
+def test_reconcile_marks_orphans_failed_and_frees_grid_points(tmp_path):
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=url,
+                                sampler=optuna.samplers.GridSampler({"x": [1, 2]}, seed=0))
+    kept, orphan = study.ask(), study.ask()
+    assert tune_internals.reconcile_optuna(url, "s", keep={kept.number}) == 1
+    states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
+    assert states == {kept.number: optuna.trial.TrialState.RUNNING, orphan.number: optuna.trial.TrialState.FAIL}
+    assert tune_internals.reconcile_optuna(url, "missing") == 0
+
+
+def test_searcher_never_tells_optuna_twice(tmp_path):
+    """The SIGKILL window: Optuna recorded a trial as COMPLETE, Tune's saved searcher state
+    predates it; on resume the trial completes again and must not be told twice."""
+    from oodlab.space import DefineByRun, as_space
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    make = lambda: tune_internals.searcher_class()(space=DefineByRun.of(as_space({"x": [1, 2]})), metric="m",
+                                                   mode="max", study_name="s", storage=optuna.storages.RDBStorage(url))
+    first = make()
+    assert first.suggest("t1")["x"] in (1, 2)
+    first.save(str(tmp_path / "searcher.pkl"))  # the state Tune saved before the kill
+    first.on_trial_result("t1", {"m": 0.5, "epoch": 1})
+    first.on_trial_complete("t1", {"m": 0.7})
+    resumed = make()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("t1", {"m": 0.7, "epoch": 2})  # would raise UpdateFinishedTrialError
+    resumed.on_trial_complete("t1", {"m": 0.7})
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]

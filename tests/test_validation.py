@@ -1,0 +1,152 @@
+"""The validation protocol: ID holdout, validation-OOD sets disjoint from test and training sets,
+``val_`` metric names, every method reporting validation and test metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from oodlab import data
+from oodlab.experiment import ConfigError, is_val_metric, load_sets, metric_name, val_id_name
+from oodlab.metrics import METRICS
+from oodlab.registry import build_config, run_trial
+
+
+def _indexed(n: int) -> data.ImageSet:
+    """A set whose labels are the image indices, to track which images go where."""
+    return data.ImageSet(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8), torch.arange(n), "indexed")
+
+
+def test_holdout_is_disjoint_complete_and_stable():
+    s = _indexed(1000)
+    rest, held = data.holdout(s, 100)
+    assert len(held) == 100 and len(rest) == 900
+    assert set(held.y.tolist()).isdisjoint(rest.y.tolist())
+    assert sorted(held.y.tolist() + rest.y.tolist()) == list(range(1000))
+    assert torch.equal(rest.y, rest.y.sort().values)  # the rest keeps its original order
+    assert torch.equal(rest.x, s.x[rest.y]) and torch.equal(held.x, s.x[held.y])
+    assert torch.equal(data.holdout(s, 100)[1].y, held.y)  # fixed seed: the same images every call
+    assert set(data.holdout(s, 50)[1].y.tolist()) < set(held.y.tolist())  # a smaller holdout is a subset
+    for bad in (0, 1000, 2000):
+        with pytest.raises(data.DataError, match="hold out"):
+            data.holdout(s, bad)
+
+
+def test_real_holdout_precedes_train_n_and_never_overlaps():
+    base = dict(val_n=500, test_n=None, device="cpu")
+    full, sets = load_sets(build_config(base), torch.device("cpu"))
+    small, sets_small = load_sets(build_config({**base, "train_n": 300}), torch.device("cpu"))
+    assert len(full) == 60_000 - 500 and len(sets["val_id"]) == 500
+    assert torch.equal(sets["val_id"].x, sets_small["val_id"].x)  # train_n does not move the validation images
+    assert torch.equal(small.x, full.x[:300])
+    # by index: the held-out images are exactly the complement of the training images
+    raw = data.load("fashion_mnist", "train")
+    idx = torch.randperm(60_000, generator=torch.Generator().manual_seed(data.HOLDOUT_SEED))[:500]
+    assert torch.equal(sets["val_id"].x, raw.x[idx])
+    keep = torch.ones(60_000, dtype=torch.bool)
+    keep[idx] = False
+    assert torch.equal(full.x, raw.x[keep])
+    assert {"id", "mnist", "val_id", "val_blobs", "val_constant"} == set(sets)
+
+
+def test_test_n_caps_every_scored_set():
+    _, sets = load_sets(build_config(dict(val_n=500, test_n=40, device="cpu")), torch.device("cpu"))
+    assert {k: len(v) for k, v in sets.items()} == {k: 40 for k in sets}
+
+
+def test_metric_names():
+    assert metric_name("auroc", "mnist", "bpd") == "auroc_mnist_bpd"
+    assert metric_name("auroc", "fashion_mnist[labels=5-9]", "bpd", "val") == "val_auroc_fashion_mnist_labels_5_9_bpd"
+    assert val_id_name("bpd") == "val_id_bpd"
+    assert is_val_metric("val_auroc_blobs_bpd") and not is_val_metric("auroc_mnist_bpd")
+    with pytest.raises(ValueError):
+        metric_name("auroc", "mnist", "bpd", "train")
+    cfg = build_config(dict(ood="mnist,omniglot", val_ood="blobs"))
+    names = cfg.metric_names()
+    for m in METRICS:
+        for s in ("bpd", "kl"):
+            assert {f"{m}_mnist_{s}", f"{m}_omniglot_{s}", f"val_{m}_blobs_{s}"} <= set(names)
+    assert {"val_id_bpd", "val_id_kl"} <= set(names)
+    assert len(names) == len(set(names)) == 3 * len(METRICS) * 2 + 2
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (dict(val_ood="mnist"), "test OOD set 'mnist'"),
+    (dict(val_ood="mnist[brightness=0.5]"), "test OOD set 'mnist'"),  # same images, other brightness
+    (dict(ood="mnist,gaussian_noise", val_ood="gaussian_noise[size=28,n=100]"), "test OOD set 'gaussian_noise'"),
+    (dict(method="rose", val_ood="blobs,constant"), "test OOD set 'constant'"),  # part of "overall" too
+    (dict(method="rose", ood="overall", val_ood="omniglot"), "test OOD set 'overall'"),
+    (dict(negatives="aux", aux="notmnist", val_ood="notmnist"), "training set 'notmnist'"),
+    (dict(negatives="random", val_ood="uniform_noise"), "training set 'uniform_noise'"),
+    (dict(negatives="gaussian_noise", val_ood="blobs,gaussian_noise"), "training set 'gaussian_noise'"),
+    (dict(val_ood="fashion_mnist[labels=3]"), "the ID set"),
+    (dict(method="mixture", val_ood="fashion_mnist[labels=7,8]"), "the ID set"),
+    (dict(method="oodgen", val_ood="fashion_mnist[labels=9]"), "test OOD set 'fashion_mnist\\[labels=5-9\\]'"),
+    (dict(val_ood=""), "at least one validation OOD set"),
+    (dict(val_n=0), "val_n must be >= 1"),
+    (dict(val_ood="blobs,blobs"), "distinct names"),
+])
+def test_validation_sets_must_be_disjoint_from_test_and_training(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(cfg)
+
+
+def test_set_names_cannot_collide_with_validation_keys(tmp_path):
+    np.savez(tmp_path / "val_x.npz", x=np.zeros((5, 28, 28), np.uint8))
+    with pytest.raises(ConfigError, match="may not be 'id' or start with 'val_'"):
+        build_config(dict(ood=f"npz:{tmp_path}/val_x.npz"))
+
+
+def test_disjoint_choices_are_accepted():
+    assert build_config(dict(method="mixture")).val_ood == ("blobs", "fashion_mnist[labels=0,2-6,8,9]")
+    build_config(dict(negatives="aux", aux="omniglot", val_ood="notmnist"))  # the aux set is omniglot here
+    build_config(dict(negatives="none", val_ood="notmnist"))  # no negatives: the aux field is unused
+    build_config(dict(method="oodgen", id="fashion_mnist[labels=0-4]", ood="mnist",
+                      val_ood="fashion_mnist[labels=5-9]"))
+
+
+def test_every_method_default_is_valid():
+    for method in ("negprior", "mixture", "oodgen", "rose"):
+        cfg = build_config({"method": method})
+        assert cfg.val_ood and cfg.val_n >= 1
+
+
+def test_val_n_too_large_fails_before_compute():
+    cfg = build_config(dict(method="mixture", val_n=12_000, device="cpu"))  # classes 1,7: 12,000 images
+    with pytest.raises(ConfigError, match="val_n=12000 but the ID training set"):
+        cfg.check_sizes({(cfg.id, "train"): 12_000})
+    with pytest.raises(ConfigError, match="val_n=12000"):
+        load_sets(cfg, torch.device("cpu"))
+    cfg.check_sizes({(cfg.id, "train"): 12_001})
+
+
+def test_config_round_trips_through_a_flat_dict():
+    cfg = build_config(dict(id="fashion_mnist[labels=1,7]", val_ood="blobs,fashion_mnist[labels=0,2]", ood="mnist",
+                            val_n=123))
+    d = cfg.to_dict()
+    assert d["val_ood"] == "blobs,fashion_mnist[labels=0,2]" and d["val_n"] == 123
+    assert build_config(d) == cfg
+
+
+TINY = {
+    "negprior": dict(negatives="aux", aux="omniglot", aux_split="train"),
+    "mixture": dict(is_samples=2),
+    "oodgen": dict(cvae_epochs=1, baselines=False, batch_size=100),
+    "rose": dict(width=4, latent_dim=3, fisher_n=32, iwae_k=2, scores="rose_diag,nll", ood="mnist"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_every_method_reports_validation_and_test_metrics(method):
+    cfg = build_config(dict(method=method, train_n=200, test_n=40, val_n=100, epochs=1, device="cpu", **TINY[method]))
+    res = run_trial(cfg)
+    assert set(cfg.metric_names()) <= set(res.metrics)
+    val = [k for k in res.metrics if is_val_metric(k)]
+    test = [k for k in res.metrics if k.startswith("auroc_")]
+    assert val and test
+    for s in cfg.score_names():
+        for v in cfg.val_ood:
+            assert 0 <= res.metrics[metric_name("auroc", v, s, "val")] <= 1
+        assert np.isfinite(res.metrics[val_id_name(s)])
+        # val_id_{score} is the mean score of the ID validation images; the val AUROC compares those to val OOD
+        assert res.metrics[val_id_name(s)] == pytest.approx(float(np.mean(res.scores["val_id"][s])))
+    assert {"id", "val_id"} <= set(res.scores) and len(res.scores["val_id"][cfg.score_names()[0]]) == 40
