@@ -195,6 +195,21 @@ def share_source(a: str, b: str) -> bool:
                for sa, la in sources(a) for sb, lb in sources(b))
 
 
+def takes_shape(spec: str) -> bool:
+    """Whether ``spec`` is a synthetic set with no ``channels=``/``size=``, so ``at_shape`` may set them."""
+    name, _, mods = _parse(spec)
+    return name in _SYNTH and "channels" not in mods and "size" not in mods
+
+
+def at_shape(spec: str, shape: tuple[int, int, int]) -> str:
+    """``spec`` generated at (C, H, W) when ``takes_shape(spec)``, e.g. ``blobs`` -> ``blobs[channels=3,size=32]``."""
+    if not takes_shape(spec):
+        return spec
+    c, h, _ = shape
+    mods = f"channels={c},size={h}"
+    return f"{spec[:-1]},{mods}]" if spec.endswith("]") else f"{spec}[{mods}]"
+
+
 def validate(spec: str) -> None:
     """Check a spec before any compute; reads no data (npz: only checks the file exists)."""
     name, path, _ = _parse(spec)

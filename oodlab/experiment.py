@@ -60,7 +60,7 @@ class TrialConfig:
     # the ID set, a test OOD set or a set the method trains on (``training_sets``); see README
     # "Validation protocol".
     val_n: int = 5000  # of Fashion-MNIST's 60,000 training images
-    val_ood: tuple[str, ...] = ("blobs", "constant")  # validation OOD sets (comma string accepted)
+    val_ood: tuple[str, ...] = ("blobs", "constant")  # validation OOD sets (comma string; synthetic: at the ID shape)
     train_n: int | None = None  # use only this many ID training images (None = all; after the holdout)
     test_n: int | None = None  # score only this many images of each set, test and validation (None = all)
     pad: bool = False  # zero-pad 28×28 to 32×32, as paper 000 does
@@ -143,7 +143,7 @@ class TrialConfig:
         every set in ``data_requests()`` as loaded (after padding). Raise ConfigError. The runner
         calls it for every config before Ray starts; methods extend it with their model's checks."""
         train = sets[(self.id, "train")].shape
-        for spec in (self.id, *self.ood, *self.val_ood):
+        for spec in (self.id, *self.ood, *(v for v in self.val_ood if not data.takes_shape(v))):
             same_shape(spec, sets[(spec, "test")].shape, train)
 
     def score_names(self) -> tuple[str, ...]:
@@ -269,13 +269,15 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
         return _head(data.load(spec, split, pad_to=pad_to, device=device), n)
 
     full = load(cfg.id, "train", None)
+    # synthetic validation sets without channels=/size= are generated at the ID shape (before padding)
+    native = (full.shape[0], 28, 28) if cfg.pad and full.shape[1] == 32 else full.shape
     cfg.check_sizes({(cfg.id, "train"): len(full)})
     rest, val_id = data.holdout(full, cfg.val_n)
     train = _head(rest, cfg.train_n)
     tests = {"id": load(cfg.id, "test", cfg.test_n),
              **{score_key(o): load(o, "test", cfg.test_n) for o in cfg.ood},
              VAL + "id": _head(val_id, cfg.test_n),
-             **{score_key(v, "val"): load(v, "test", cfg.test_n) for v in cfg.val_ood}}
+             **{score_key(v, "val"): load(data.at_shape(v, native), "test", cfg.test_n) for v in cfg.val_ood}}
     for name, s in tests.items():
         same_shape(name, s.shape, train.shape)
     return train, tests

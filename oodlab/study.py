@@ -65,6 +65,18 @@ class StudyInterrupted(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ValTarget:
+    """A study's default target: ``metric`` of ``score`` on the first validation OOD set of the
+    final config (after ``--val-ood`` / ``--set val_ood=…``), e.g. ``val_auroc_blobs_bpd``."""
+
+    metric: str
+    score: str
+
+    def name(self, fixed: dict[str, Any]) -> str:
+        return val_metric(fixed, self.metric, self.score)
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """What a study file declares. ``space``: the papers' ranges (searched by tpe, random,
     cmaes); ``grid``: the paper's grid (the grid sampler; None = ``space``). Dimensions are
@@ -73,7 +85,7 @@ class StudySpec:
     name: str  # MLflow experiment, Optuna study and Ray experiment folder
     fixed: dict[str, Any]  # TrialConfig fields shared by every trial
     space: dict[str, Any]
-    metric: str | Sequence[str]  # default target(s), e.g. "val_auroc_blobs_bpd"
+    metric: str | ValTarget | Sequence[str | ValTarget]  # default target(s), e.g. ValTarget("auroc", "bpd")
     mode: str | Sequence[str] = "max"
     grid: dict[str, Any] | None = None
     num_samples: int | None = None  # default: the grid's size
@@ -262,8 +274,13 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
         raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
     num_samples = args.num_samples or spec.num_samples or n_grid or 10
 
-    targets = tuple(t.strip() for t in args.target.split(",")) if args.target else (
-        (spec.metric,) if isinstance(spec.metric, str) else tuple(spec.metric))
+    defaults = (spec.metric,) if isinstance(spec.metric, (str, ValTarget)) else tuple(spec.metric)
+    try:
+        point = {**fixed, **first_point(space)}
+        targets = tuple(t.strip() for t in args.target.split(",")) if args.target else tuple(
+            t.name(point) if isinstance(t, ValTarget) else t for t in defaults)
+    except ConfigError as e:
+        raise StudyError(f"bad configuration: {e}") from None
     if args.mode:
         modes = tuple(m.strip() for m in args.mode.split(","))
     elif args.target:

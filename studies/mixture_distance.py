@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from oodlab.space import Categorical, FloatRange, IntRange
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 # Log-spaced 10..300 plus the papers' values (VAE 150, Glow 100, CIFAR VAE 200).
 DISTANCES = [10, 20, 50, 100, 150, 200, 300]
@@ -82,7 +82,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=space,
         grid=grid,
-        metric=val_metric(fixed, "auroc", "nll"),  # --target val_nll_gap_<set> for the mean-NLL gap
+        metric=ValTarget("auroc", "nll"),  # --target val_nll_gap_<set> for the mean-NLL gap
         paper_point={"distance": 150.0, "beta": 4.0, "components": 2},
     )
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from oodlab import data
 from oodlab.space import Categorical, Dimension, FloatRange
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 # Paper 000 §IV: shift ∈ {2,4,6,8,10} tried for gray data, {5,10,…,30} for color (chosen: 8 and 25);
 # negative weight and learning rate are searched on log scales around the paper's 1 and 1e-4.
@@ -77,7 +77,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=space,
         grid=grid,
-        metric=val_metric(fixed, "auroc", "bpd"),
+        metric=ValTarget("auroc", "bpd"),
         paper_point={"shift": 25.0 if color else 8.0, "neg_weight": 1.0, "lr": 1e-4},
     )
 

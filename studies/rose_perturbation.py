@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from oodlab.experiment import load_sets, resolve_device
 from oodlab.space import Categorical, FloatRange, IntRange
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
@@ -103,7 +103,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=space,
         grid=grid,
-        metric=val_metric(fixed, "auroc", target),
+        metric=ValTarget("auroc", target),
         before_run=pretrain_all,
     )
 

@@ -27,7 +27,7 @@ def test_loss_parts_and_baseline():
 def test_negatives_move_to_shift_and_inliers_stay_near_zero():
     """A sign or target mistake in the negative term shows here after a few hundred steps."""
     cfg = Config(id="fashion_mnist", ood="mnist", aux="notmnist", negatives="aux", shift=4.0,
-                      train_n=3000, test_n=200, epochs=1, batch_size=50, lr=1e-3, device="cpu")
+                      train_n=4000, test_n=200, epochs=1, batch_size=50, lr=1e-3, device="cpu")
     exp = Experiment(cfg)
     exp.train_epoch()
     exp.model.eval()
