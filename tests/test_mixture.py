@@ -12,12 +12,13 @@ import torch
 from conftest import assert_resumes_exactly
 from scipy import integrate
 
-from oodlab.experiment import ConfigError, build_config
+from oodlab.experiment import ConfigError
 from oodlab.methods import mixture
 from oodlab.methods.mixture import Config, Experiment
 from oodlab.mixture_priors import MixturePrior, component_means, gen_gaussian_alpha, log_density_1d
 from oodlab.models.mixture_vae import CatVAE, CatVAEConfig
-from oodlab.priors import log_normal
+from oodlab.registry import build_config
+from oodlab.vae_math import log_normal
 
 REPO = Path(__file__).resolve().parents[1]
 
