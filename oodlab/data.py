@@ -30,6 +30,15 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class SetInfo:
+    """What a config checks against before any compute (``TrialConfig.check_data``)."""
+
+    n: int  # number of images
+    shape: tuple[int, int, int]  # (C, H, W)
+    classes: tuple[int, ...]  # sorted distinct labels; () for an unlabeled set
+
+
+@dataclass(frozen=True)
 class ImageSet:
     x: torch.Tensor  # uint8, N×C×H×W, contiguous
     y: torch.Tensor | None  # int64 (N,), or None
@@ -45,6 +54,10 @@ class ImageSet:
     def shape(self) -> tuple[int, int, int]:
         c, h, w = self.x.shape[1:]
         return (c, h, w)
+
+    def info(self) -> SetInfo:
+        classes = () if self.y is None else tuple(int(c) for c in torch.unique(self.y).tolist())
+        return SetInfo(len(self), self.shape, classes)
 
 
 _IDX = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "notmnist": "notMNIST"}
@@ -180,6 +193,21 @@ def share_source(a: str, b: str) -> bool:
     and ``fashion_mnist[labels=1]`` do not share)."""
     return any(sa == sb and (la is None or lb is None or bool(set(la) & set(lb)))
                for sa, la in sources(a) for sb, lb in sources(b))
+
+
+def takes_shape(spec: str) -> bool:
+    """Whether ``spec`` is a synthetic set with no ``channels=``/``size=``, so ``at_shape`` may set them."""
+    name, _, mods = _parse(spec)
+    return name in _SYNTH and "channels" not in mods and "size" not in mods
+
+
+def at_shape(spec: str, shape: tuple[int, int, int]) -> str:
+    """``spec`` generated at (C, H, W) when ``takes_shape(spec)``, e.g. ``blobs`` -> ``blobs[channels=3,size=32]``."""
+    if not takes_shape(spec):
+        return spec
+    c, h, _ = shape
+    mods = f"channels={c},size={h}"
+    return f"{spec[:-1]},{mods}]" if spec.endswith("]") else f"{spec}[{mods}]"
 
 
 def validate(spec: str) -> None:

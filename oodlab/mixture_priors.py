@@ -9,8 +9,10 @@ with unit-variance components g of one family:
                     so that Var = 1 for every β (β = 2 is N(0, 1); the paper uses β = 4).
 
 Component means (paper §5.3–5.4): one component at 0 (the standard prior); two at
-±d/2·e_1 (so d is the distance between them); K > 2 at d·e_i, i = 1..K (the paper's
-quad-modal VAE uses 150·e_i). Training pulls each image to its assigned component p_i;
+±d/2·e_1 (so d is the distance between them); K > 2 either at d·e_i, i = 1..K (``layout="axes"``,
+the paper's quad-modal VAE: 150·e_i) or on one line at [d·i, 0, …], i = 0..K−1
+(``layout="line"``, the paper's quad-modal Glow: 200·i, §5.4, "placing modes on differing
+dimensions does not work on Glow"). Training pulls each image to its assigned component p_i;
 test likelihoods use the full mixture.
 """
 
@@ -21,17 +23,33 @@ from dataclasses import dataclass
 
 import torch
 
+from oodlab.vae_math import kl_to_normal, log_normal
+
 FAMILIES = ("gaussian", "gen_gaussian")
 
 
-def component_means(components: int, distance: float, dim: int) -> torch.Tensor:
-    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; d·e_i for K > 2 (needs D ≥ K)."""
+LAYOUTS = ("axes", "line")
+
+
+def check_components(components: int, dim: int, layout: str = "axes") -> None:
+    """ValueError unless K components fit a D-dim latent: K >= 1, a known layout, and D >= K when
+    K > 2 with the means on the axes (d·e_i)."""
     if components < 1:
         raise ValueError(f"components must be >= 1, got {components}")
-    if components > 2 and components > dim:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if components > 2 and layout == "axes" and components > dim:
         raise ValueError(f"{components} components at d·e_i need latent_dim >= {components}, got {dim}")
+
+
+def component_means(components: int, distance: float, dim: int, layout: str = "axes") -> torch.Tensor:
+    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; for K > 2 d·e_i (``axes``, needs D ≥ K)
+    or d·i·e_1, i = 0..K−1 (``line``)."""
+    check_components(components, dim, layout)
     means = torch.zeros(components, dim, dtype=torch.float64)
-    if components == 2:
+    if components > 2 and layout == "line":
+        means[:, 0] = distance * torch.arange(components, dtype=torch.float64)
+    elif components == 2:
         means[:, 0] = torch.tensor([-distance / 2, distance / 2], dtype=torch.float64)
     elif components > 2:
         means[torch.arange(components), torch.arange(components)] = distance
@@ -64,12 +82,12 @@ class MixturePrior:
 
     @classmethod
     def build(cls, family: str, components: int, distance: float, dim: int, beta: float = 4.0,
-              device: torch.device | str = "cpu") -> MixturePrior:
+              device: torch.device | str = "cpu", layout: str = "axes") -> MixturePrior:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        means = component_means(components, distance, dim).to(device=device, dtype=torch.float32)
+        means = component_means(components, distance, dim, layout).to(device=device, dtype=torch.float32)
         return cls(means, family, beta)
 
     @property
@@ -95,9 +113,8 @@ class MixturePrior:
         """KL(q(z|x) || p_c) per row (B,): closed form for Gaussian components, else the
         one-sample estimate log q(z|x) − log p_c(z) at the reparameterized z."""
         if self.family == "gaussian":
-            return 0.5 * (logvar.exp() + (mu - self.means[comp]).pow(2) - 1.0 - logvar).sum(-1)
-        log_q = -0.5 * (logvar + (z - mu).pow(2) / logvar.exp() + math.log(2 * math.pi)).sum(-1)
-        return log_q - self.log_prob_assigned(z, comp)
+            return kl_to_normal(mu, logvar, self.means[comp])
+        return log_normal(z, mu, logvar) - self.log_prob_assigned(z, comp)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the component with the highest density at z: (B, D) -> (B,)."""
@@ -127,7 +144,3 @@ def _gamma_icdf(u: torch.Tensor, a: float) -> torch.Tensor:
 
     return torch.from_numpy(gammaincinv(a, u.cpu().numpy())).to(u.device)
 
-
-def standard_prior(dim: int, device: torch.device | str = "cpu") -> MixturePrior:
-    """N(0, I) as a one-component mixture."""
-    return MixturePrior.build("gaussian", 1, 0.0, dim, device=device)

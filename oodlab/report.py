@@ -7,6 +7,11 @@ the mean (sd) of every AUROC as markdown (rows: inlier, OOD, noise model and any
 varied setting; columns: source of negatives), as CSV, and as a bar plot. The three
 files are logged to the study's parent run (tag ``oodlab.role=parent``); the markdown
 is returned. Paper 000's numbers (Tables I–III) stand beside ours where it has the row.
+
+Before that table comes the selection (``oodlab.selection``): the configuration(s) chosen
+by the study's target (the parent run's ``metric``/``mode`` params; a ``val_`` metric
+unless the study allowed a test target) and their test metrics, mean (sd) over seeds;
+also logged as ``selection.md`` / ``selection.csv``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodlab import data
+from oodlab import data, selection, tags
 from oodlab.experiment import set_key
 
 # Paper 000 (Csiszárik et al.), mean (sd) over 10 runs: (inlier, OOD, noise model, negatives, score).
@@ -120,15 +125,18 @@ def _client(storage: Path, mlflow_uri: str | None = None):
     return MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
 
 
-def load_trials(client, study: str) -> tuple[list[tuple[dict[str, str], dict[str, float]]], str | None]:
-    """(params, metrics) of every FINISHED trial run of a study, and the parent run's id."""
+def load_trials(client, study: str,
+                completed_only: bool = False) -> tuple[list[tuple[dict[str, str], dict[str, float]]], str | None]:
+    """(params, metrics) of every FINISHED trial run of a study, and the parent run's id;
+    ``completed_only``: without the trials a scheduler stopped early (their metrics are of an earlier epoch)."""
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"no study {study!r} in the MLflow store; known: {', '.join(known) or 'none'}")
     runs = client.search_runs([exp.experiment_id], max_results=50_000)
     trials = [(dict(r.data.params), dict(r.data.metrics)) for r in runs
-              if r.data.tags.get("oodlab.role") == "trial" and r.info.status == "FINISHED"]
+              if r.data.tags.get("oodlab.role") == "trial" and r.info.status == "FINISHED"
+              and not (completed_only and r.data.tags.get(tags.STOPPED_EARLY) == "true")]
     parents = [r.info.run_id for r in runs if r.data.tags.get("oodlab.role") == "parent"]
     return trials, parents[0] if parents else None
 
@@ -169,9 +177,10 @@ def to_markdown(cells: list[Cell], study: str = "") -> str:
     if not cells:
         return f"# {study}\n\n(no finished trials)\n"
     seeds = sorted({len(c.values) for c in cells})
-    lines = [f"# {study}: AUROC, mean (sd) over {'/'.join(map(str, seeds))} seed(s)", "",
+    lines = [f"# {study}: test AUROC of every configuration, mean (sd) over {'/'.join(map(str, seeds))} seed(s)", "",
              "Each cell: ours mean (sd) [paper 000 mean (sd), 10 runs, where the paper has the row]. "
-             "sd is the sample sd over seeds (– with one seed).", ""]
+             "sd is the sample sd over seeds (– with one seed). Every configuration is shown, for reading; "
+             "choosing the best cell here would select on the test set (the selection above does not).", ""]
     negs = _negatives(cells)
     for score in sorted({c.score for c in cells}, key=lambda s: (s not in SCORE_TITLES, s)):
         sub = [c for c in cells if c.score == score]
@@ -214,9 +223,9 @@ def to_csv(cells: list[Cell]) -> str:
 
 def bar_plot(cells: list[Cell], path: Path) -> None:
     """One panel per score: bars = mean AUROC (error bar = sd) per row and source; black ticks = paper."""
-    from oodlab.plots import _pyplot
+    from oodlab.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     scores = sorted({c.score for c in cells}, key=lambda s: (s not in SCORE_TITLES, s))
     negs = _negatives(cells)
     fig, axes = plt.subplots(len(scores), 1, figsize=(max(6, 1.6 * len({c.row for c in cells}) * len(negs) / 2), 3.2 * len(scores)),
@@ -243,12 +252,38 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
+def selection_report(client, study: str) -> tuple[str, str]:
+    """(markdown, csv) of the configurations the study's target selects, among trials that ran to
+    the end (not stopped early), and their test metrics."""
+    trials, parent = load_trials(client, study, completed_only=True)
+    if parent is None:
+        return f"# {study}: no parent run, so no recorded target; nothing selected\n", ""
+    run = client.get_run(parent)
+    try:
+        targets, modes = selection.targets_of(dict(run.data.params))
+    except ValueError as e:
+        return f"# {study}: nothing selected ({e})\n", ""
+    groups = selection.group(trials)
+    chosen = selection.select(groups, targets, modes)
+    allowed = run.data.tags.get(tags.ALLOW_TEST_TARGET) == "true"
+    return (selection.to_markdown(study, groups, chosen, targets, modes, allowed),
+            selection.to_csv(groups, chosen, targets))
+
+
 def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
-    """Aggregate a study's finished trials; log report.md/.csv/.png to its parent run; return the markdown."""
+    """The selection by the study's target, then the paper-format AUROC table of every configuration;
+    both logged to the study's parent run; returns the markdown."""
     client = _client(Path(storage), mlflow_uri)
     trials, parent = load_trials(client, study)
+    sel_md, sel_csv = selection_report(client, study)
     cells = aggregate(trials)
     md = to_markdown(cells, study)
+    if parent is not None and trials:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "selection.md").write_text(sel_md)
+            (Path(d) / "selection.csv").write_text(sel_csv)
+            client.log_artifact(parent, str(Path(d) / "selection.md"))
+            client.log_artifact(parent, str(Path(d) / "selection.csv"))
     if parent is not None and cells:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "report.md").write_text(md)
@@ -256,4 +291,4 @@ def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
             bar_plot(cells, Path(d) / "report.png")
             for name in ("report.md", "report.csv", "report.png"):
                 client.log_artifact(parent, str(Path(d) / name))
-    return md
+    return sel_md + "\n" + md

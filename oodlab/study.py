@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from oodlab import data
-from oodlab.experiment import VAL, ConfigError, build_config, is_val_metric, metric_name
+from oodlab.experiment import VAL, ConfigError, is_val_metric, metric_name
+from oodlab.registry import build_config
 from oodlab.space import (
     Categorical,
     Space,
@@ -64,6 +65,18 @@ class StudyInterrupted(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ValTarget:
+    """A study's default target: ``metric`` of ``score`` on the first validation OOD set of the
+    final config (after ``--val-ood`` / ``--set val_ood=…``), e.g. ``val_auroc_blobs_bpd``."""
+
+    metric: str
+    score: str
+
+    def name(self, fixed: dict[str, Any]) -> str:
+        return val_metric(fixed, self.metric, self.score)
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """What a study file declares. ``space``: the papers' ranges (searched by tpe, random,
     cmaes); ``grid``: the paper's grid (the grid sampler; None = ``space``). Dimensions are
@@ -72,7 +85,7 @@ class StudySpec:
     name: str  # MLflow experiment, Optuna study and Ray experiment folder
     fixed: dict[str, Any]  # TrialConfig fields shared by every trial
     space: dict[str, Any]
-    metric: str | Sequence[str]  # default target(s), e.g. "val_auroc_blobs_bpd"
+    metric: str | ValTarget | Sequence[str | ValTarget]  # default target(s), e.g. ValTarget("auroc", "bpd")
     mode: str | Sequence[str] = "max"
     grid: dict[str, Any] | None = None
     num_samples: int | None = None  # default: the grid's size
@@ -261,8 +274,13 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
         raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
     num_samples = args.num_samples or spec.num_samples or n_grid or 10
 
-    targets = tuple(t.strip() for t in args.target.split(",")) if args.target else (
-        (spec.metric,) if isinstance(spec.metric, str) else tuple(spec.metric))
+    defaults = (spec.metric,) if isinstance(spec.metric, (str, ValTarget)) else tuple(spec.metric)
+    try:
+        point = {**fixed, **first_point(space)}
+        targets = tuple(t.strip() for t in args.target.split(",")) if args.target else tuple(
+            t.name(point) if isinstance(t, ValTarget) else t for t in defaults)
+    except ConfigError as e:
+        raise StudyError(f"bad configuration: {e}") from None
     if args.mode:
         modes = tuple(m.strip() for m in args.mode.split(","))
     elif args.target:
@@ -331,17 +349,15 @@ def validate(plan: Plan, args: argparse.Namespace) -> None:
     unknown = [t for t in plan.targets if t not in known]
     if unknown:
         raise StudyError(f"target metric {', '.join(unknown)} is not reported; reported: {', '.join(known)}")
-    shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
-    sizes: dict[tuple[str, str, bool], int] = {}
+    sets: dict[tuple[str, str, bool], data.SetInfo] = {}
     try:  # load every set once: a missing file, a model that does not fit the data, a too large val_n fail here
         for cfg in configs:
             for req in cfg.data_requests():
-                if (*req, cfg.pad) not in shapes:
-                    s = data.load(*req, pad_to=32 if cfg.pad else None)
-                    shapes[(*req, cfg.pad)], sizes[(*req, cfg.pad)] = s.shape, len(s)
-            by_request: dict[Any, tuple[int, int, int]] = {req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()}
+                if (*req, cfg.pad) not in sets:
+                    sets[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).info()
+            by_request = {req: sets[(*req, cfg.pad)] for req in cfg.data_requests()}
             cfg.check_data(by_request)
-            cfg.check_sizes({req: sizes[(*req, cfg.pad)] for req in cfg.data_requests()})
+            cfg.check_sizes({req: info.n for req, info in by_request.items()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from oodlab.plots import _pyplot
+from oodlab.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def _optuna_figure(draw: Any, path: Path) -> Path | None:
     """An ``optuna.visualization.matplotlib`` plot saved as PNG (None when it cannot be drawn)."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
@@ -41,14 +41,14 @@ def _optuna_figure(draw: Any, path: Path) -> Path | None:
 
 
 def target_vs_params(rows: list[dict[str, Any]], keys: list[str], target: str, path: Path,
-                     paper: dict[str, Any] | None = None) -> Path | None:
+                     paper: dict[str, Any] | None = None, log_keys: frozenset[str] = frozenset()) -> Path | None:
     """One panel per searched parameter: every finished trial (dots), and the mean ± sd over
     seeds of each configuration (error bars); the paper's value as a dashed line."""
     done = [r for r in rows if isinstance(r.get(target), float) and math.isfinite(r[target])]
     keys = [k for k in keys if k != "seed" and len({str(r.get(k)) for r in done}) > 1]
     if not done or not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         numeric = all(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in done)
@@ -78,6 +78,8 @@ def target_vs_params(rows: list[dict[str, Any]], keys: list[str], target: str, p
                        ls="--", color="k", lw=1, label=f"paper: {ref}")
         if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=30)
+        elif key in log_keys:
+            ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(target)
         ax.legend(fontsize=7)
@@ -110,6 +112,7 @@ def search_figures(study: Any, rows: list[dict[str, Any]], plan: Any, folder: Pa
         if len(finished) >= 3 and varying:
             out.append(_optuna_figure(lambda: ovm.plot_param_importances(study, params=varying),
                                       folder / "param_importances.png"))
+    log_keys = frozenset(k for k, d in plan.space.items() if getattr(d, "log", False))
     out.append(target_vs_params(rows, keys, plan.metric, folder / "target_vs_params.png",
-                                paper=getattr(plan, "paper_point", None)))
+                                paper=getattr(plan, "paper_point", None), log_keys=log_keys))
     return [p for p in out if p is not None]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from oodlab.methods.oodgen import FMNIST_OOD
 from oodlab.space import Categorical, FloatRange
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 # Generator presets: the authors' notebook (sverneka/OODGen) and the paper's text. Each sets the
 # fixed config; POINTS holds each one's (beta_low, beta_high, radius_factor) for --paper-point.
@@ -90,7 +90,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=dict(SPACE),
         grid=grid,
-        metric=val_metric(fixed, "fpr95", "n1_prob"),  # --target val_auroc_<set>_n1_prob for AUROC
+        metric=ValTarget("fpr95", "n1_prob"),  # --target val_auroc_<set>_n1_prob for AUROC
         mode="min",
         paper_point=point,
     )

@@ -24,7 +24,7 @@ from oodlab import data
 from oodlab.experiment import ConfigError
 from oodlab.methods.negprior import NEGATIVES
 from oodlab.space import Categorical, FloatRange
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 DEFAULT_NEGATIVES = "none,aux,adversarial,gaussian_noise,uniform_noise"
 SMOKE_NEGATIVES = ["none", "aux", "adversarial"]
@@ -87,7 +87,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space={**SPACE, **{k: Categorical(tuple(v)) for k, v in grid.items()}},
         grid=grid,
-        metric=val_metric(fixed, "auroc", "bpd"),
+        metric=ValTarget("auroc", "bpd"),
         paper_point={"neg_weight": 1.0, "lr": 1e-4},
     )
 

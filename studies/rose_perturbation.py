@@ -21,16 +21,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import build_config, load_sets, resolve_device
+from oodlab.experiment import load_sets, resolve_device
 from oodlab.space import Categorical, FloatRange, IntRange
-from oodlab.study import StudySpec, common_overrides, default_name, main, val_metric
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
-FAMILIES = {  # score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
+# score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
+FAMILIES: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "rose": ("rose", {"preconditioner": ["diag", "ekfac"], "fisher_n": [100, 1000, 10000]}),
     "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)],
                           "lratio_l2": [0.0, 10.0]}),
@@ -38,7 +40,7 @@ FAMILIES = {  # score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ;
 }
 # Continuous spaces: Fisher sample count on a log scale over the paper's 100..10000; LRatio λ over
 # [0, 10] (μ is part of a perturbation spec string, so it stays a list); RND K over 16..28.
-SPACES = {
+SPACES: dict[str, dict[str, Any]] = {
     "rose": {"preconditioner": Categorical(("diag", "ekfac")), "fisher_n": IntRange(100, 10000, log=True)},
     "lratio": {"lratio_perturbation": Categorical(tuple(FAMILIES["lratio"][1]["lratio_perturbation"])),
                "lratio_l2": FloatRange(0.0, 10.0)},
@@ -58,11 +60,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=100, help="latent size (paper 100 FMNIST, 200 CIFAR-10)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--scores", help="score every trial with these (comma list, no family search): rose_diag,rose_ekfac")
+    g.add_argument("--arch", choices=("dcgan_bn", "plain"), default="dcgan_bn",
+                   help="dcgan_bn: Likelihood Regret's VAE (BatchNorm, separate heads; the authors'); plain: earlier")
+    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 instead of resizing (earlier choice)")
+    g.add_argument("--rose-z", choices=("mean", "sample"), default="mean", help="latent in the ROSE gradient")
+    g.add_argument("--damping", type=float, default=1e-8, help="Fisher damping (authors: 1e-8, absolute)")
+    g.add_argument("--damping-relative", action="store_true", help="damping × mean of F (earlier: with --damping 1e-3)")
 
 
 def build(args: argparse.Namespace) -> StudySpec:
     score, grid = FAMILIES[args.family]
     grid, space = dict(grid), dict(SPACES[args.family])
+    if args.scores:  # fixed scores: the trials differ only by seed
+        score, grid, space = args.scores, {}, {}
+    names = score.split(",")
+    target = "rose_ekfac" if "rose_ekfac" in names else names[0]
     factors = [0.2, 1.8] if args.smoke else BRIGHTNESS
     bright = [f"{args.bright}[brightness={f}]" for f in factors] if args.bright else []
     ood = "mnist,overall" if args.smoke and args.ood == OOD else args.ood
@@ -74,7 +87,9 @@ def build(args: argparse.Namespace) -> StudySpec:
                 else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]})
     fixed = dict(method="rose", id=args.id, ood=",".join([ood, *bright]), scores=score, iwae_k=args.iwae_k,
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
-                 vae_cache=str(Path(args.storage).resolve() / "vae_cache"), **common_overrides(args))
+                 vae_cache=str(Path(args.storage).resolve() / "vae_cache"), arch=args.arch, pad=args.pad,
+                 resize=not args.pad, rose_z=args.rose_z, damping=args.damping, damping_relative=args.damping_relative,
+                 **common_overrides(args))
     if args.fisher_n or args.smoke:
         fixed["fisher_n"] = args.fisher_n or 200
     seeds = args.seeds
@@ -88,16 +103,16 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=space,
         grid=grid,
-        metric=val_metric(fixed, "auroc", score),
+        metric=ValTarget("auroc", target),
         before_run=pretrain_all,
     )
 
 
 def pretrain(fixed: dict) -> None:
     """Train the shared VAE once in the driver (a no-op when it is cached), so trials only score."""
-    from oodlab.methods.rose import ensure_vae
+    from oodlab.methods.rose import Config, ensure_vae
 
-    cfg = build_config(fixed)
+    cfg = Config.from_dict(fixed)
     device = resolve_device(cfg.device)
     train, _ = load_sets(cfg, device)
     logging.getLogger("oodlab").info("shared VAE: %s (%d images, %d epochs)", cfg.vae_cache, len(train), cfg.epochs)

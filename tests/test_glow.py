@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import assert_resumes_exactly
 
-from oodlab.experiment import ConfigError, build, build_config, run_trial
+from oodlab.experiment import ConfigError
 from oodlab.methods import mixture
 from oodlab.mixture_priors import MixturePrior
 from oodlab.models import glow
 from oodlab.models.glow import ActNorm, AxisLinear, Coupling, Glow, GlowConfig, InvConv1x1, Squeeze
+from oodlab.registry import build, build_config, run_trial
 
 
 def _randomize(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

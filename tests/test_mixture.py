@@ -12,12 +12,13 @@ import torch
 from conftest import assert_resumes_exactly
 from scipy import integrate
 
-from oodlab.experiment import ConfigError, build_config
+from oodlab.experiment import ConfigError
 from oodlab.methods import mixture
 from oodlab.methods.mixture import Config, Experiment
 from oodlab.mixture_priors import MixturePrior, component_means, gen_gaussian_alpha, log_density_1d
 from oodlab.models.mixture_vae import CatVAE, CatVAEConfig
-from oodlab.priors import log_normal
+from oodlab.registry import build_config
+from oodlab.vae_math import log_normal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,11 @@ def test_component_means_follow_the_paper():
     assert component_means(1, 99.0, 3).abs().sum() == 0
     with pytest.raises(ValueError, match="latent_dim"):
         component_means(5, 1.0, 3)
+    # the quad-modal Glow (paper 003 §5.4): [200·i, 0, …], i = 0..3, all on the first axis
+    line = component_means(4, 200.0, 6, "line")
+    assert line[:, 0].tolist() == [0.0, 200.0, 400.0, 600.0] and line[:, 1:].abs().sum() == 0
+    assert build_config({"method": "mixture", "model": "glow", "components": 4}).mean_layout == "line"
+    assert build_config({"method": "mixture", "components": 4}).mean_layout == "axes"  # the VAE's 150·e_i
 
 
 @pytest.mark.parametrize("beta", [1.0, 2.0, 4.0, 8.0])
@@ -206,6 +212,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
         (dict(components=60, latent_dim=50), "latent_dim"),
         (dict(is_samples=0), "is_samples"),
         (dict(model="pixelcnn"), "model"),
+        (dict(layout="ring"), "layout"),
     ],
 )
 def test_config_errors(bad, match):

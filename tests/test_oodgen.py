@@ -11,11 +11,12 @@ import torch
 from conftest import assert_resumes_exactly, study_env
 from scipy.stats import chi2
 
-from oodlab.experiment import ConfigError, build_config, run_trial
+from oodlab.experiment import ConfigError
 from oodlab.methods import classifier_baselines as cb
 from oodlab.methods import oodgen as og
 from oodlab.models.classifier import Classifier
 from oodlab.models.cvae import CVAE, CVAEConfig
+from oodlab.registry import build_config, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "cvae_oodgen.py"
@@ -283,7 +284,7 @@ def test_msp_mc_dropout_and_kl_to_uniform():
 # ---------------------------------------------------------------- the trial
 
 def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
-    cfg = dict(method="oodgen", train_n=400, test_n=60, epochs=2, cvae_epochs=1, mc_samples=3, batch_size=100,
+    cfg = dict(method="oodgen", train_n=800, test_n=60, epochs=2, cvae_epochs=1, mc_samples=3, batch_size=100,
                ood="mnist,uniform_noise", device="cpu")
     res = run_trial(cfg)
     names = ("n1_prob", "msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")

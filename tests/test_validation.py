@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from oodlab import data
-from oodlab.experiment import ConfigError, build_config, is_val_metric, load_sets, metric_name, run_trial, val_id_name
+from oodlab.experiment import ConfigError, is_val_metric, load_sets, metric_name, val_id_name
 from oodlab.metrics import METRICS
+from oodlab.registry import build_config, run_trial
 
 
 def _indexed(n: int) -> data.ImageSet:
@@ -50,6 +51,20 @@ def test_real_holdout_precedes_train_n_and_never_overlaps():
 def test_test_n_caps_every_scored_set():
     _, sets = load_sets(build_config(dict(val_n=500, test_n=40, device="cpu")), torch.device("cpu"))
     assert {k: len(v) for k, v in sets.items()} == {k: 40 for k in sets}
+
+
+def test_synthetic_validation_sets_take_the_id_shape():
+    assert data.at_shape("blobs", (3, 32, 32)) == "blobs[channels=3,size=32]"
+    assert data.at_shape("blobs[n=50]", (3, 32, 32)) == "blobs[n=50,channels=3,size=32]"
+    assert data.at_shape("blobs[size=28]", (3, 32, 32)) == "blobs[size=28]"  # given explicitly: kept
+    assert data.at_shape("mnist", (3, 32, 32)) == "mnist"  # real sets keep their shape (and must match)
+    c3 = "[channels=3,size=32]"
+    cfg = build_config(dict(id="fashion_mnist" + c3, ood="mnist" + c3, train_n=50, test_n=20, val_n=30, device="cpu"))
+    cfg.check_data({req: (3, 32, 32) if "32" in req[0] else (1, 28, 28) for req in cfg.data_requests()})
+    _, sets = load_sets(cfg, torch.device("cpu"))
+    assert {k: s.shape for k, s in sets.items()} == {k: (3, 32, 32) for k in sets}
+    _, padded = load_sets(build_config(dict(pad=True, test_n=20, val_n=30, device="cpu")), torch.device("cpu"))
+    assert torch.equal(padded["val_blobs"].x[..., :2, :], torch.zeros_like(padded["val_blobs"].x[..., :2, :]))
 
 
 def test_metric_names():
@@ -149,3 +164,74 @@ def test_every_method_reports_validation_and_test_metrics(method):
         # val_id_{score} is the mean score of the ID validation images; the val AUROC compares those to val OOD
         assert res.metrics[val_id_name(s)] == pytest.approx(float(np.mean(res.scores["val_id"][s])))
     assert {"id", "val_id"} <= set(res.scores) and len(res.scores["val_id"][cfg.score_names()[0]]) == 40
+
+
+# ---------------------------------------------------------------- selection (oodlab report)
+
+def _write_study(tmp_path, target: str, mode: str | None = None, allow: bool = False) -> None:
+    """A study in a real MLflow sqlite store: shift 2 wins on validation, shift 8 on test."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"oodlab.role": "parent"}).info.run_id
+    client.log_param(parent, "metric", target)
+    if allow:
+        client.set_tag(parent, "oodlab.allow_test_target", "true")
+    if mode:
+        client.log_param(parent, "mode", mode)
+    for shift, val, test in ((2.0, (0.90, 0.80), (0.60, 0.62)), (8.0, (0.70, 0.72), (0.99, 0.97))):
+        for seed in (0, 1):
+            run = client.create_run(exp, tags={"oodlab.role": "trial"}).info.run_id
+            for k, v in dict(shift=shift, seed=seed, id="fashion_mnist", ood="mnist", val_ood="blobs").items():
+                client.log_param(run, k, v)
+            for k, v in {"val_auroc_blobs_bpd": val[seed], "val_id_bpd": 0.3 + shift / 100,
+                         "auroc_mnist_bpd": test[seed], "fpr95_mnist_bpd": 1 - test[seed]}.items():
+                client.log_metric(run, k, v)
+            client.set_terminated(run)
+    # a trial ASHA stopped early at a lucky validation value: it must not be selected
+    run = client.create_run(exp, tags={"oodlab.role": "trial", "oodlab.stopped_early": "true"}).info.run_id
+    for k, v in dict(shift=5.0, seed=0, id="fashion_mnist", ood="mnist", val_ood="blobs").items():
+        client.log_param(run, k, v)
+    client.log_metric(run, "val_auroc_blobs_bpd", 0.99)
+    client.log_metric(run, "auroc_mnist_bpd", 0.5)
+    client.set_terminated(run)
+    client.set_terminated(parent)
+
+
+def test_report_selects_by_validation_and_shows_test_metrics(tmp_path):
+    from oodlab.report import report
+
+    _write_study(tmp_path, "val_auroc_blobs_bpd")
+    md = report(tmp_path, "s")
+    head = md.split("## Test metrics")[0]
+    assert "selected by `val_auroc_blobs_bpd` (max)" in head and "Warning" not in head
+    assert "| 2.0 | 2 | 0.850 (0.071) |" in head  # shift 2: best mean validation AUROC, 2 seeds
+    sel = md.split("## Test metrics of shift=2.0")[1].split("#")[0]
+    assert "| `auroc_mnist_bpd` | 0.610 (0.014) |" in sel  # its test AUROC, although shift 8 tests better
+    assert "0.980" not in sel and "shift=5.0" not in md.split("# s: test AUROC")[0]  # stopped early: not selectable
+
+
+def test_report_flags_a_test_target(tmp_path):
+    from oodlab.report import report
+
+    _write_study(tmp_path, "auroc_mnist_bpd", allow=True)
+    md = report(tmp_path, "s")
+    assert "Warning: selected on TEST metric(s) auroc_mnist_bpd** (allowed by the study's explicit" in md
+    assert "## Test metrics of shift=8.0" in md
+
+
+def test_selection_modes_and_pareto_front():
+    from oodlab import selection
+
+    assert selection.default_mode("val_auroc_blobs_bpd") == "max"
+    assert selection.default_mode("val_fpr95_blobs_bpd") == "min"
+    assert selection.default_mode("val_id_bpd") == "min"
+    assert selection.targets_of({"metric": "val_auroc_blobs_bpd,val_id_bpd", "mode": "max,min"}) == \
+        (["val_auroc_blobs_bpd", "val_id_bpd"], ["max", "min"])
+    trials = [({"a": str(a), "seed": "0"}, {"v": v, "b": b}) for a, v, b in
+              ((1, 0.9, 3.0), (2, 0.8, 2.0), (3, 0.7, 2.5), (4, 0.9, 3.5))]
+    groups = selection.group(trials)
+    assert [dict(g.config)["a"] for g in selection.select(groups, ["v"], ["max"])] == ["1", "4"]  # a tie keeps both
+    front = selection.select(groups, ["v", "b"], ["max", "min"])
+    assert sorted(dict(g.config)["a"] for g in front) == ["1", "2"]  # 3 and 4 are dominated

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, score_sets
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, descend, labels_of, require, score_sets
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
@@ -114,7 +114,7 @@ def basis_mix_directions(jac: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     piv = rref_pivots(a)
     r = torch.linalg.solve(torch.gather(a, 2, piv.unsqueeze(1).expand(-1, a.shape[1], -1)), a)  # (B, d, D)
     free = torch.ones_like(weights, dtype=torch.bool).scatter(1, piv, False)
-    c = torch.where(free, weights.double() / (1 + r.pow(2).sum(1)).sqrt(), torch.zeros((), dtype=a.dtype, device=a.device))
+    c = torch.where(free, weights.double() / (1 + r.pow(2).sum(1)).sqrt(), a.new_zeros(()))
     v = c.scatter_add(1, piv, -(r @ c.unsqueeze(-1)).squeeze(-1))
     return (v / v.norm(dim=1, keepdim=True)).to(jac.dtype)
 
@@ -180,7 +180,7 @@ def fit_latent_gaussians(mu: torch.Tensor, y: torch.Tensor, n_classes: int, quan
         cov = torch.cov(zc.T) + 1e-6 * torch.eye(d, dtype=zc.dtype, device=zc.device)
         means.append(zc.mean(0))
         chols.append(torch.linalg.cholesky(cov))
-    g = LatentGaussians(torch.stack(means).float(), torch.stack(chols).float(), torch.zeros(n_classes, device=mu.device))
+    g = LatentGaussians(torch.stack(means).float(), torch.stack(chols).float(), mu.new_zeros(n_classes))
     r = mahalanobis_radius(mu, y, g)
     g.r95 = torch.stack([torch.quantile(r[y == c], quantile) for c in range(n_classes)])
     return g
@@ -211,6 +211,7 @@ def type2(model: CVAE, g: LatentGaussians, y: torch.Tensor, radius_factor: float
 
 @dataclass(frozen=True)
 class Config(TrialConfig):
+    method: str = "oodgen"
     id: str = "fashion_mnist[labels=0-4]"  # ID classes (labels are remapped to 0..n-1)
     ood: tuple[str, ...] = FMNIST_OOD
     val_n: int = 2500  # of the 30,000 training images of classes 0-4
@@ -248,15 +249,18 @@ class Config(TrialConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check([
+        require([
             (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
             (self.cvae_epochs >= 1, f"cvae_epochs must be >= 1, got {self.cvae_epochs}"),
             (self.cvae_arch in ("authors", "text"), f"cvae_arch must be authors or text, got {self.cvae_arch!r}"),
-            (self.cvae_optimizer in CVAE_OPTIMIZERS, f"cvae_optimizer must be one of {CVAE_OPTIMIZERS}, got {self.cvae_optimizer!r}"),
-            (self.type1_direction in DIRECTIONS, f"type1_direction must be one of {DIRECTIONS}, got {self.type1_direction!r}"),
+            (self.cvae_optimizer in CVAE_OPTIMIZERS,
+             f"cvae_optimizer must be one of {CVAE_OPTIMIZERS}, got {self.cvae_optimizer!r}"),
+            (self.type1_direction in DIRECTIONS,
+             f"type1_direction must be one of {DIRECTIONS}, got {self.type1_direction!r}"),
             (self.beta_sign in SIGNS, f"beta_sign must be one of {SIGNS}, got {self.beta_sign!r}"),
             (0 < self.cvae_lr < 1, f"cvae_lr must be in (0, 1), got {self.cvae_lr}"),
-            (0 <= self.beta_low <= self.beta_high, f"need 0 <= beta_low <= beta_high, got {self.beta_low}, {self.beta_high}"),
+            (0 <= self.beta_low <= self.beta_high,
+             f"need 0 <= beta_low <= beta_high, got {self.beta_low}, {self.beta_high}"),
             (self.radius_factor >= 1, f"radius_factor must be >= 1 (outside the ellipsoid), got {self.radius_factor}"),
             (0 < self.quantile < 1, f"quantile must be in (0, 1), got {self.quantile}"),
             (0 <= self.type1_frac <= 1, f"type1_frac must be in [0, 1], got {self.type1_frac}"),
@@ -270,13 +274,32 @@ class Config(TrialConfig):
             (0 < self.gan_lr < 1, f"gan_lr must be in (0, 1), got {self.gan_lr}"),
         ])
 
+    def cvae_config(self, shape: tuple[int, int, int], n_classes: int) -> CVAEConfig:
+        """The CVAE for ID images of this (C, H, W) and n classes; ConfigError when it does not fit them."""
+        c, h, w = shape
+        if h != w or h % 4:  # the classifiers pool twice by 2
+            raise ConfigError(f"oodgen needs square images with a side divisible by 4, got {h}×{w}")
+        try:
+            return CVAEConfig(n_classes=n_classes, channels=c, size=h, latent_dim=self.latent_dim, arch=self.cvae_arch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        train = sets[(self.id, "train")]
+        classes = labels_of(self.id, train, "the CVAE and the classifiers")
+        if len(classes) < 2:
+            raise ConfigError(f"ID set {self.id!r} has {len(classes)} class; oodgen needs at least 2")
+        self.cvae_config(train.shape, len(classes))
+
     @property
     def type1_spec(self) -> Type1Spec:
         return Type1Spec(self.beta_low, self.beta_high, self.type1_direction, self.beta_sign, self.clip)
 
     def score_names(self) -> tuple[str, ...]:
         base = ("n1_prob",)
-        return base + (("msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident") if self.baselines else ())
+        baselines = ("msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")
+        return base + (baselines if self.baselines else ())
 
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -289,8 +312,10 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 # ---------------------------------------------------------------- experiment
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """CVAE, (n+1)-class classifier and (optionally) the baselines' classifiers of one trial."""
+
+    cfg: Config
 
     def __init__(self, cfg: Config):
         train = self.start(cfg)
@@ -300,10 +325,8 @@ class Experiment(BaseExperiment):
         self.train_x, self.train_y = train.x, torch.searchsorted(self.classes, train.y)
         self.test_y = torch.searchsorted(self.classes, self.test["id"].y)
         self.n = len(self.classes)
-        c, h, w = train.shape
-        if h != w or h % 4:
-            raise ConfigError(f"oodgen needs square images with a side divisible by 4, got {h}×{w}")
-        self.cvae = CVAE(CVAEConfig(n_classes=self.n, channels=c, size=h, latent_dim=cfg.latent_dim, arch=cfg.cvae_arch)).to(self.device)
+        c, h, _ = train.shape
+        self.cvae = CVAE(cfg.cvae_config(train.shape, self.n)).to(self.device)
         self.cvae_opt: torch.optim.Optimizer = (
             torch.optim.RMSprop(self.cvae.parameters(), lr=cfg.cvae_lr, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
             if cfg.cvae_optimizer == "rmsprop" else torch.optim.Adam(self.cvae.parameters(), lr=cfg.cvae_lr))
@@ -324,12 +347,12 @@ class Experiment(BaseExperiment):
         self.cvae.train()
         total, n = 0.0, 0
         for _ in range(epochs):
-            for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen, device=self.device):
+            batches = data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen,
+                                         device=self.device)
+            for idx in batches:
                 x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
                 loss = -self.cvae.elbo_terms(x, y, self.gen, sample=self.cfg.cvae_sample)["elbo"].mean()
-                self.cvae_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.cvae_opt.step()
+                descend(self.cvae_opt, loss)
                 total, n = total + loss.item(), n + 1
         self.cvae.eval()
         self.latents = fit_latent_gaussians(self.encode_means(), self.train_y, self.n, self.cfg.quantile)
@@ -343,12 +366,13 @@ class Experiment(BaseExperiment):
         return torch.cat([self.cvae.encode(data.to_float(self.train_x[i : i + bs]), self.train_y[i : i + bs])[0]
                           for i in range(0, len(self.train_x), bs)])
 
-    def generate(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, m: int) -> tuple[torch.Tensor, int]:
         """m OOD samples (Type I then Type II) from random training images / labels, and the Type I count."""
         cfg = self.cfg
         j = torch.randint(len(self.train_x), (m,), generator=self.gen, device=self.device)
         m1 = round(cfg.type1_frac * m)
         x1 = type1(self.cvae, data.to_float(self.train_x[j[:m1]]), self.train_y[j[:m1]], cfg.type1_spec, self.gen)
+        assert self.latents is not None, "train_cvae fits the latent Gaussians first"
         x2 = type2(self.cvae, self.latents, self.train_y[j[m1:]], cfg.radius_factor, self.gen)
         return torch.cat([x1, x2]), m1
 
@@ -374,16 +398,15 @@ class Experiment(BaseExperiment):
         return out
 
     def _update(self, key: str, loss: torch.Tensor) -> float:
-        self.opt[key].zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt[key].step()
+        descend(self.opt[key], loss)
         return loss.item()
 
     def step_n1(self, x: torch.Tensor, y: torch.Tensor, x_ood: torch.Tensor) -> float:
         """Weighted cross-entropy over n ID classes + the OOD class n (paper §3.2, §4.3)."""
         logits = self.clf["n1"](torch.cat([x, x_ood]))
         target = torch.cat([y, torch.full((len(x_ood),), self.n, device=self.device)])
-        w = torch.cat([torch.ones(len(x), device=self.device), torch.full((len(x_ood),), self.cfg.ood_weight, device=self.device)])
+        w = torch.cat([torch.ones(len(x), device=self.device),
+                       torch.full((len(x_ood),), self.cfg.ood_weight, device=self.device)])
         return self._update("n1", (w * F.cross_entropy(logits, target, reduction="none")).mean())
 
     def step_plain(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -396,13 +419,9 @@ class Experiment(BaseExperiment):
         ones, zeros = torch.ones(b, device=self.device), torch.zeros(b, device=self.device)
         d_loss = F.binary_cross_entropy_with_logits(self.gan_d(x), ones) + \
             F.binary_cross_entropy_with_logits(self.gan_d(fake.detach()), zeros)
-        self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
+        descend(self.d_opt, d_loss)
         g_loss = F.binary_cross_entropy_with_logits(self.gan_d(fake), ones) + beta * cb.kl_to_uniform(clf(fake)).mean()
-        self.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.g_opt.step()
+        descend(self.g_opt, g_loss)
         c_loss = F.cross_entropy(clf(x), y) + beta * cb.kl_to_uniform(clf(fake.detach())).mean()
         return {"loss_conf": self._update("conf", c_loss), "loss_gan_d": d_loss.item(), "loss_gan_g": g_loss.item()}
 
@@ -424,7 +443,8 @@ class Experiment(BaseExperiment):
             m.eval()
         maha = None
         if cfg.baselines:
-            maha = cb.MahalanobisDetector(cfg.maha_eps).fit(self.clf["plain"], data.to_float(self.train_x), self.train_y, self.n)
+            maha = cb.MahalanobisDetector(cfg.maha_eps).fit(self.clf["plain"], data.to_float(self.train_x),
+                                                            self.train_y, self.n)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # MC-dropout draws must not move training's RNG
             torch.manual_seed(cfg.seed + 1)
@@ -450,7 +470,7 @@ class Experiment(BaseExperiment):
         """``ood_samples.png``: ID images, their Type I perturbations (and |x̃ − x|), Type II samples."""
         from torchvision.utils import make_grid
 
-        from oodlab.plots import _pyplot
+        from oodlab.plots import pyplot
 
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
         k = 16
@@ -458,11 +478,12 @@ class Experiment(BaseExperiment):
         x, y = data.to_float(self.train_x[j]), self.train_y[j]
         x1 = type1(self.cvae, x, y, self.cfg.type1_spec, gen)
         diff = (x1 - x).abs()
+        assert self.latents is not None, "train_cvae fits the latent Gaussians first"
         x2 = type2(self.cvae, self.latents, y, self.cfg.radius_factor, gen)
         rows = [("ID training images", x), ("Type I: x ± βv (clipped to [0,1])", x1.clamp(0, 1)),
                 ("|x̃ − x| scaled to max", diff / diff.flatten(1).amax(1).view(-1, 1, 1, 1)),
                 ("Type II: decoded z outside the 95% ellipsoid (same classes)", x2)]
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(len(rows), 1, figsize=(12, 2.2 * len(rows)))
         for ax, (title, imgs) in zip(axes, rows):
             ax.imshow(make_grid(imgs.cpu(), nrow=k, padding=2, pad_value=1.0).permute(1, 2, 0).numpy())

@@ -20,25 +20,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, evaluation_table, set_key
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, evaluation_table, require, set_key
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+from oodlab.vae_math import kl_to_normal, reparameterize
 
 PRECONDITIONERS = ("diag", "ekfac")
+log = logging.getLogger(__name__)
 SCORES = ("rose", "rose_diag", "rose_ekfac", "nll", "lr", "lratio", "ic_png", "ic_jp2", "rnd")
 
 # ---------------------------------------------------------------- per-sample gradients
@@ -56,13 +59,14 @@ def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tupl
     if model.training and model.has_bn:
         raise RuntimeError("per-sample gradients need the VAE in eval mode (BatchNorm couples a batch in train mode)")
     mu, logvar, inputs, preacts = model.encode_with_preacts(x)
-    z = mu + eps * (0.5 * logvar).exp()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    z = reparameterize(mu, logvar, eps=eps)
+    kl = kl_to_normal(mu, logvar)
     loss = (kl - model.log_px(x, model.decode(z))).sum()
     deltas = torch.autograd.grad(loss, preacts)
     out = []
     for conv, h, d in zip(model.convs, inputs, deltas):
-        p = F.unfold(h.detach(), conv.kernel_size, padding=conv.padding, stride=conv.stride).transpose(1, 2)
+        pad = cast(tuple[int, int], conv.padding)
+        p = F.unfold(h.detach(), conv.kernel_size, padding=pad, stride=conv.stride).transpose(1, 2)
         if conv.bias is not None:
             p = torch.cat([p, p.new_ones(*p.shape[:2], 1)], 2)
         out.append((p, d.flatten(2).transpose(1, 2)))
@@ -72,11 +76,6 @@ def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tupl
 def grads_from_terms(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """G_n = Σ_t δ_{n,t} h_{n,t}ᵀ: (B, C_out, Din), the layout of ``conv.weight.flatten(1)`` (+ bias column)."""
     return torch.einsum("blo,bli->boi", d, p)
-
-
-def per_sample_grads(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample −ELBO gradients of the encoder conv weights, each (B, C_out, C_in·k·k)."""
-    return [grads_from_terms(p, d) for p, d in layer_terms(model, x, eps)]
 
 
 # ---------------------------------------------------------------- preconditioners
@@ -103,12 +102,6 @@ def projected_grads(p: torch.Tensor, d: torch.Tensor, u_a: torch.Tensor, u_b: to
     return grads_from_terms(p @ u_a, d @ u_b)
 
 
-def ekfac_dense(u_a: torch.Tensor, u_b: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The dense EKFAC Fisher (U_A ⊗ U_B) diag(Σ) (U_A ⊗ U_B)ᵀ in row-major vec(G) order (for tests)."""
-    u = torch.kron(u_b, u_a)  # vec(U_Bᵀ G U_A) = (U_B ⊗ U_A)ᵀ vec(G) for row-major vec
-    return u @ torch.diag(sigma.flatten()) @ u.T
-
-
 def quad(g: torch.Tensor, fisher: torch.Tensor, damping: float, relative: bool = False) -> torch.Tensor:
     """gᵀ (diag(F) + λ)^{-1} g per sample, (B,); λ = damping (the authors: 1e-8), or damping × mean(F)."""
     return (g.pow(2) / (fisher + damping * (fisher.mean() if relative else 1.0))).flatten(1).sum(1)
@@ -128,7 +121,7 @@ class RoseFit:
 
     def grads(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Per-sample grads in this preconditioner's basis (parameter basis or Kronecker eigenbasis)."""
-        if self.kind == "diag":
+        if self.bases is None:  # diag
             return [grads_from_terms(p, d) for p, d in terms]
         return [projected_grads(p, d, ua, ub) for (p, d), (ua, ub) in zip(terms, self.bases)]
 
@@ -138,6 +131,7 @@ class RoseFit:
 
     def score(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """ROSE = max_l ReLU((S^l − μ^l)/σ^l), (B,) (eq. 11, β = 0, p = ∞)."""
+        assert self.mean is not None and self.std is not None, "fit_rose sets the z-score statistics"
         return F.relu((self.layer_scores(terms) - self.mean) / self.std).amax(1)
 
 
@@ -155,12 +149,12 @@ def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple
     pass 3: EKFAC's layer scores. Nothing per-sample is kept between passes.
     """
     n = len(x_u8)
-    acc: dict[str, list] = {"diag": None, "A": None, "B": None, "sigma": None}
+    acc: dict[str, list[torch.Tensor]] = {}
 
     def add(key: str, vals: list[torch.Tensor]) -> None:
-        acc[key] = vals if acc[key] is None else [a + v for a, v in zip(acc[key], vals)]
+        acc[key] = [a + v for a, v in zip(acc[key], vals)] if key in acc else vals
 
-    for i, terms in _passes(model, x_u8, eps, batch):
+    for _, terms in _passes(model, x_u8, eps, batch):
         w = len(terms[0][0]) / n
         if "diag" in kinds:
             add("diag", [diag_fisher(grads_from_terms(p, d)) * w for p, d in terms])
@@ -173,8 +167,9 @@ def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple
         fits["diag"] = RoseFit("diag", acc["diag"], None, damping, relative)
     if "ekfac" in kinds:
         bases = [(eigenbasis(a), eigenbasis(b)) for a, b in zip(acc["A"], acc["B"])]
-        for i, terms in _passes(model, x_u8, eps, batch):
-            add("sigma", [diag_fisher(g) * (len(g) / n) for g in (projected_grads(p, d, ua, ub) for (p, d), (ua, ub) in zip(terms, bases))])
+        for _, terms in _passes(model, x_u8, eps, batch):
+            projected = (projected_grads(p, d, ua, ub) for (p, d), (ua, ub) in zip(terms, bases))
+            add("sigma", [diag_fisher(g) * (len(g) / n) for g in projected])
         fits["ekfac"] = RoseFit("ekfac", acc["sigma"], bases, damping, relative)
     for fit in fits.values():
         s = torch.cat([fit.layer_scores(terms) for _, terms in _passes(model, x_u8, eps, batch)])  # (N, L)
@@ -182,7 +177,9 @@ def fit_rose(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, kinds: tuple
     return fits
 
 
-def rose_scores(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, fits: dict[str, RoseFit], batch: int | None = None) -> dict[str, torch.Tensor]:
+def rose_scores(
+    model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, fits: dict[str, RoseFit], batch: int | None = None
+) -> dict[str, torch.Tensor]:
     """ROSE of every image under every fitted preconditioner, {kind: (N,)}; one backward pass serves all."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in fits}
     for _, terms in _passes(model, x_u8, eps, batch):
@@ -197,6 +194,9 @@ def rose_scores(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, fits: dic
 def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int,
               perturb: str | None = None, l2: float = 0.0) -> list[float]:
     """Adam, lr halved every 30 epochs (App. B.1); ``perturb``/``l2`` make LRatio's background model.
+
+    The loss per batch is the mean −ELBO per image in nats/dim, plus λ‖θ‖² with λ = ``l2`` as is
+    (Ren et al.'s L2 coefficient, paper 004 App. B.3: λ ∈ {0, 10}; not divided by the set size).
 
     Without BatchNorm each batch's gradient is summed over micro-batches of ``model.rows_per_pass``
     images: the same gradient as one pass, 2.3× faster on the 2-core CPU (batch 64 as 8 × 8), where a
@@ -224,14 +224,14 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
                 part.backward()
                 tot += part.detach()
             if l2 > 0:
-                reg = l2 * sum(p.pow(2).sum() for p in model.parameters()) / len(x_u8)
+                reg = l2 * torch.stack([p.pow(2).sum() for p in model.parameters()]).sum()
                 reg.backward()
                 tot += reg.detach()
             opt.step()
             nb += 1
         sched.step()
         history.append(float(tot) / nb)
-        print(f"[rose] VAE epoch {epoch + 1}/{epochs}: {history[-1]:.4f} nats/dim, {time.perf_counter() - t0:.0f} s", flush=True)
+        log.info("VAE epoch %d/%d: %.4f nats/dim, %.0f s", epoch + 1, epochs, history[-1], time.perf_counter() - t0)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"VAE loss became {history[-1]}; try a smaller lr")
     model.eval()
@@ -253,11 +253,15 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
     when they already are), so the study's driver and the trials train the same model."""
     if cfg.resize:
         x_u8 = data.resize(x_u8, 32)
-    vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim, arch=cfg.arch)
-    key = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    c, h, w = x_u8.shape[1:]
+    vcfg = cfg.vae_config((c, h, w))
+    key = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs,
+               batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
-    if cfg.arch != "plain" or cfg.resize:  # new fields enter the key only when not the old values (old caches stay valid)
+    if cfg.arch != "plain" or cfg.resize:  # new fields enter the key only off their old values: old caches stay valid
         key.update(arch=cfg.arch, resize=cfg.resize)
+    if l2 > 0:  # λ‖θ‖² unscaled since 2026-12-02 (before: λ‖θ‖²/N): a different background model
+        key["l2_scale"] = "none"
     path = _cache_file(cfg.vae_cache, key)
     torch.manual_seed(cfg.seed + (0 if perturb is None else 1))
     model = RoseVAE(vcfg).to(device)
@@ -305,7 +309,7 @@ class Config(TrialConfig):
     lr_lr: float = 1e-4  # Likelihood Regret: Adam learning rate
     lr_n: int | None = None  # Likelihood Regret: score only the first lr_n images per set (None = all)
     lratio_perturbation: str = "random:0.3"  # LRatio background inputs (paper Table 2 FMNIST: random, μ=0.3)
-    lratio_l2: float = 0.0  # LRatio background L2 strength λ (paper: 0 or 10)
+    lratio_l2: float = 0.0  # LRatio background λ of λ‖θ‖² added to the nats/dim loss, unscaled (paper: 0 or 10)
     rnd_perturbation: str = "svd:28"  # RND: "svd:K" | "dct:K" | "gb" | "random:μ"
     rnd_epochs: int = 5  # RND predictor training epochs
 
@@ -314,10 +318,11 @@ class Config(TrialConfig):
             object.__setattr__(self, "scores", tuple(s.strip() for s in self.scores.split(",") if s.strip()))
         super().__post_init__()
         bad = [s for s in self.scores if s not in SCORES]
-        _check([
+        require([
             (len(self.scores) > 0 and not bad, f"scores must be a non-empty subset of {SCORES}; got unknown {bad}"),
             (len(set(self.scores)) == len(self.scores), f"scores listed twice: {self.scores}"),
-            (self.preconditioner in PRECONDITIONERS, f"preconditioner must be one of {PRECONDITIONERS}; got {self.preconditioner!r}"),
+            (self.preconditioner in PRECONDITIONERS,
+             f"preconditioner must be one of {PRECONDITIONERS}; got {self.preconditioner!r}"),
             (self.width >= 1 and self.latent_dim >= 1, "width and latent_dim must be >= 1"),
             (self.fisher_n >= 2, f"fisher_n must be >= 2, got {self.fisher_n}"),
             (self.damping >= 0, f"damping must be >= 0, got {self.damping}"),
@@ -337,6 +342,19 @@ class Config(TrialConfig):
             except ValueError as e:
                 raise ConfigError(f"{field}: {e}") from None
 
+    def vae_config(self, shape: tuple[int, int, int]) -> RoseVAEConfig:
+        """The paper's VAE for ID images of this (C, H, W); ConfigError when it does not fit them."""
+        c, h, _ = shape
+        try:
+            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim, arch=self.arch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        c, h, w = sets[(self.id, "train")].shape
+        self.vae_config((c, 32, 32) if self.resize else (c, h, w))
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["scores"] = ",".join(self.scores)
@@ -350,12 +368,16 @@ class Config(TrialConfig):
         return [o for o in self.ood if "brightness=" in o]
 
     def metric_names(self) -> list[str]:
-        extra = [f"auroc_brightness_{w}_{s}" for s in self.scores for w in ("mean", "std")] if self.brightness_sets() else []
+        extra = [f"auroc_brightness_{w}_{s}" for s in self.scores for w in ("mean", "std")]
+        if not self.brightness_sets():
+            extra = []
         return super().metric_names() + extra
 
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """Train (or load) the paper's VAE once, then score every test set with the configured scores."""
+
+    cfg: Config
 
     def __init__(self, cfg: Config):
         self.train_x = self.start(cfg).x
@@ -386,14 +408,16 @@ class Experiment(BaseExperiment):
 
     def score(self) -> Scores:
         cfg, model = self.cfg, self.model
-        out: Scores = {name: {} for name in self.eval_sets}
+        out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.eval_sets}
         kinds = sorted({s.removeprefix("rose_") for s in cfg.scores if s.startswith("rose_")}
                        | ({cfg.preconditioner} if "rose" in cfg.scores else set()))
         if kinds:
             t0 = time.perf_counter()
-            order = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(cfg.seed + 7))[: cfg.fisher_n]
+            gen = torch.Generator().manual_seed(cfg.seed + 7)
+            order = torch.randperm(len(self.train_x), generator=gen)[: cfg.fisher_n]
             fx = self.train_x[order.to(self.device)]
-            fits = fit_rose(model, fx, self._rose_eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping, cfg.damping_relative)
+            fits = fit_rose(model, fx, self._rose_eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping,
+                            cfg.damping_relative)
             self.timings["rose_fit_s"] = time.perf_counter() - t0
             t0, n = time.perf_counter(), 0
             for name, s in self.eval_sets.items():
@@ -440,7 +464,8 @@ class Experiment(BaseExperiment):
         bsets = self.cfg.brightness_sets()
         for s in self.cfg.scores if bsets else ():
             vals = np.array([table[f"auroc_{set_key(o)}_{s}"] for o in bsets])
-            table[f"auroc_brightness_mean_{s}"], table[f"auroc_brightness_std_{s}"] = float(vals.mean()), float(vals.std())
+            table[f"auroc_brightness_mean_{s}"] = float(vals.mean())
+            table[f"auroc_brightness_std_{s}"] = float(vals.std())
         table.update({f"time_{k}": v for k, v in self.timings.items()})
         return table, scores
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodlab.models import likelihoods
-from oodlab.priors import kl_to_normal
+from oodlab.vae_math import clamp_logvar, kl_to_normal, reparameterize
 
 ARCHS = ("authors", "text")
 
@@ -55,7 +55,10 @@ class CVAEConfig:
         return self.hidden or (16 if self.arch == "authors" else 256)
 
 
-def _authors_layers(c: int, s: int, k: int, d: int, h: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+Layers = tuple[nn.Sequential, nn.Sequential, nn.ModuleList, nn.Sequential]  # conv, dense, heads, decoder
+
+
+def _authors_layers(c: int, s: int, k: int, d: int, h: int) -> Layers:
     feat = 64 * (s // 4) ** 2
     conv = nn.Sequential(nn.Conv2d(c, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.Flatten())
     enc = nn.Sequential(nn.Linear(feat + k, h), nn.ReLU())
@@ -69,7 +72,7 @@ def _authors_layers(c: int, s: int, k: int, d: int, h: int) -> tuple[nn.Module, 
     return conv, enc, heads, dec
 
 
-def _text_layers(c: int, s: int, k: int, d: int, h: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+def _text_layers(c: int, s: int, k: int, d: int, h: int) -> Layers:
     feat = 64 * (s // 4) ** 2
     conv = nn.Sequential(nn.Conv2d(c, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Flatten())
     enc = nn.Sequential(nn.Linear(feat + k, h), nn.ReLU())
@@ -87,7 +90,8 @@ class CVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         layers = _authors_layers if cfg.arch == "authors" else _text_layers
-        self.conv, self.enc, self.heads, self.dec = layers(cfg.channels, cfg.size, cfg.n_classes, cfg.latent_dim, cfg.width)
+        parts = layers(cfg.channels, cfg.size, cfg.n_classes, cfg.latent_dim, cfg.width)
+        self.conv, self.enc, self.heads, self.dec = parts
 
     def onehot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.cfg.n_classes).to(torch.float32)
@@ -99,7 +103,7 @@ class CVAE(nn.Module):
             mu, logvar = self.heads[0](h), self.heads[1](h)
         else:
             mu, logvar = self.heads[0](h).chunk(2, dim=-1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        return mu, clamp_logvar(logvar)
 
     def decode_logits(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """z (B, d), c (B, n_classes) one-hot -> logits (B, C, H, W)."""
@@ -116,10 +120,7 @@ class CVAE(nn.Module):
         ``sample=False`` reconstructs from z = μ, as the authors' notebook trains.
         """
         mu, logvar = self.encode(x, y)
-        z = mu
-        if sample:
-            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-            z = mu + eps * (0.5 * logvar).exp()
+        z = reparameterize(mu, logvar, generator) if sample else mu
         rec = likelihoods.bernoulli(x, self.decode_logits(z, self.onehot(y)))
         kl = kl_to_normal(mu, logvar)
         return {"rec": rec, "kl": kl, "elbo": rec - kl}

@@ -19,14 +19,16 @@ all ROSE needs to form per-sample gradients and EKFAC factors in one batched pas
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from oodlab.models import likelihoods
+from oodlab.vae_math import clamp_logvar, gaussian_stats, kl_to_normal, reparameterize
 
 ARCHS = ("dcgan_bn", "plain")
 
@@ -70,8 +72,8 @@ class RoseVAE(nn.Module):
             nn.Conv2d(2 * n, 4 * n, 4, 2, 1, bias=False),  # (B, 4n, 4, 4)
         ])
         self.norms = nn.ModuleList([_norm(n, bn), _norm(2 * n, bn), _norm(4 * n, bn)])
-        self.heads = nn.ModuleList([nn.Conv2d(4 * n, d, 4), nn.Conv2d(4 * n, d, 4)] if bn else  # μ, log σ²: (B, d, 1, 1)
-                                   [nn.Conv2d(4 * n, 2 * d, 4, 1, 0, bias=False)])  # fused (μ, log σ²)
+        heads = [nn.Conv2d(4 * n, d, 4), nn.Conv2d(4 * n, d, 4)]  # μ, log σ²: (B, d, 1, 1), with bias
+        self.heads = nn.ModuleList(heads if bn else [nn.Conv2d(4 * n, 2 * d, 4, 1, 0, bias=False)])  # or fused
         self.dec = nn.Sequential(
             nn.ConvTranspose2d(d, 4 * n, 4, 1, 0, bias=False), _norm(4 * n, bn), nn.ReLU(),  # (B, 4n, 4, 4)
             nn.ConvTranspose2d(4 * n, 2 * n, 4, 2, 1, bias=False), _norm(2 * n, bn), nn.ReLU(),  # (B, 2n, 8, 8)
@@ -81,7 +83,7 @@ class RoseVAE(nn.Module):
 
     @property
     def convs(self) -> list[nn.Conv2d]:
-        return [*self.body, *self.heads]
+        return [cast(nn.Conv2d, m) for m in (*self.body, *self.heads)]
 
     @property
     def has_bn(self) -> bool:
@@ -92,10 +94,13 @@ class RoseVAE(nn.Module):
         return self.cfg.channels * self.cfg.size**2
 
     def _split(self, heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = (heads[0].flatten(1), heads[1].flatten(1)) if len(heads) == 2 else heads[0].flatten(1).chunk(2, dim=1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        if len(heads) == 2:
+            return heads[0].flatten(1), clamp_logvar(heads[1].flatten(1))
+        return gaussian_stats(heads[0].flatten(1))
 
-    def encode_with_preacts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def encode_with_preacts(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """μ, log σ² (B, D), plus each conv's (``convs`` order) input and output (before BatchNorm)."""
         inputs, preacts, h = [], [], x
         for conv, norm in zip(self.body, self.norms):
@@ -136,20 +141,24 @@ class RoseVAE(nn.Module):
         it: Iterator[torch.Tensor] = iter(weights)
 
         def conv(m: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-            side = (h.shape[-1] + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1
-            cols = F.unfold(h, m.kernel_size, padding=m.padding, stride=m.stride)  # (B, C_in·k·k, L)
+            pad = cast(tuple[int, int], m.padding)
+            side = (h.shape[-1] + 2 * pad[0] - m.kernel_size[0]) // m.stride[0] + 1
+            cols = F.unfold(h, m.kernel_size, padding=pad, stride=m.stride)  # (B, C_in·k·k, L)
             a = torch.bmm(cols.transpose(1, 2), next(it)).transpose(1, 2).reshape(len(h), -1, side, side)
             return a + next(it)[:, :, None, None] if m.bias is not None else a
 
         h = x
-        for m, norm in zip(self.body, self.norms):
+        n_body = len(self.body)
+        for m, norm in zip(self.convs[:n_body], self.norms):
             a = conv(m, h)
             if isinstance(norm, nn.BatchNorm2d):
-                scale = (norm.running_var + norm.eps).rsqrt()[None, :, None, None]
+                mean, var = norm.running_mean, norm.running_var
+                assert mean is not None and var is not None  # BatchNorm2d tracks running statistics
+                scale = (var + norm.eps).rsqrt()[None, :, None, None]
                 gamma, beta = next(it), next(it)
-                a = (a - norm.running_mean[None, :, None, None]) * scale * gamma[:, :, None, None] + beta[:, :, None, None]
+                a = (a - mean[None, :, None, None]) * scale * gamma[:, :, None, None] + beta[:, :, None, None]
             h = F.relu(a)
-        return self._split([conv(head, h) for head in self.heads])
+        return self._split([conv(head, h) for head in self.convs[n_body:]])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, D) -> logits (B, 256, C, H, W)."""
@@ -175,8 +184,8 @@ class RoseVAE(nn.Module):
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Encoder parameters in ``encoder_copies`` order: per body layer conv weight, BN γ, β; then the heads."""
         out: list[nn.Parameter] = []
-        for conv, norm in zip(self.body, self.norms):
-            out += [conv.weight, *norm.parameters()]
+        for conv, norm in zip(self.convs, self.norms):
+            out += [cast(nn.Parameter, conv.weight), *norm.parameters()]
         for head in self.heads:
             out += list(head.parameters())
         return out
@@ -184,7 +193,11 @@ class RoseVAE(nn.Module):
 
 def elbo(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """One-sample ELBO per image (B,), z = μ + σ·eps with the noise given (so it is a pure function)."""
-    mu, logvar = model.encode(x)
-    z = mu + eps * (0.5 * logvar).exp()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
-    return model.log_px(x, model.decode(z)) - kl
+    return elbo_from_stats(model, x, *model.encode(x), eps)
+
+
+def elbo_from_stats(model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                    eps: torch.Tensor) -> torch.Tensor:
+    """``elbo`` given the posterior's μ, log σ² (from ``encode`` or from per-image encoder copies)."""
+    z = reparameterize(mu, logvar, eps=eps)
+    return model.log_px(x, model.decode(z)) - kl_to_normal(mu, logvar)
