@@ -135,7 +135,7 @@ def test_glow_trial_on_fashion_mnist_reports_finite_auroc_and_nll(tmp_path):
     assert math.isfinite(res.train["loss"]) and math.isfinite(res.train["bpd"])
     s = res.scores["id"]["nll"]
     assert s.shape == (50,) and np.all(np.isfinite(s))
-    # A proper bound on 8-bit data: positive, and below the uniform 784·log 256 only if it learned something.
+    # −log P(x) of discrete 8-bit data is >= 0; a density bug (e.g. a missing −D·log 256) makes it negative.
     assert np.all(s > 0)
     from sklearn.metrics import roc_auc_score
 
