@@ -18,7 +18,6 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## smoke study of studies/negprior_shift.py (re-running it resumes, i.e. just prints the table)
 	$(PY) studies/negprior_shift.py --smoke --storage $(STORAGE) \
 	  $$( [ -d $(STORAGE)/ray/negprior_shift-smoke ] && echo --resume )
-	@echo "compare runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(STORAGE)/mlflow.db"
 
 test: setup
 	$(PY) -m pytest -q

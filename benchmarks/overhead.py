@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from oodlab import data
-from oodlab.experiment import run_trial
+from oodlab.registry import run_trial
 from oodlab.study import parse_args, run
 
 

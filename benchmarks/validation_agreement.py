@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import run_trial
+from oodlab.registry import run_trial
 
 KEYS = ("val_auroc_blobs_bpd", "val_auroc_constant_bpd", "auroc_mnist_bpd",
         "val_auroc_blobs_kl", "val_auroc_constant_kl", "auroc_mnist_kl", "val_id_bpd")

@@ -66,13 +66,14 @@ def list_studies(storage: Path, optuna_url: str | None = None) -> int:
         return 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = stores.optuna_storage(stores.optuna_url(optuna_url, storage))
-    print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'best':>8}  {'resumable':9}")
+    print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'pruned':>7} {'best':>8}  {'resumable':9}")
     for s in optuna.get_all_study_summaries(url):
         trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
         count = lambda st: sum(t.state.name == st for t in trials)
         best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
         resumable = "yes" if (storage / "ray" / s.study_name).exists() else "no"
-        print(f"{s.study_name:32} {count('COMPLETE'):8d} {count('RUNNING'):8d} {count('FAIL'):7d} {best:>8}  {resumable}")
+        print(f"{s.study_name:32} {count('COMPLETE'):8d} {count('RUNNING'):8d} {count('FAIL'):7d} {count('PRUNED'):7d} "
+              f"{best:>8}  {resumable}")
     return 0
 
 

@@ -30,6 +30,15 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class SetInfo:
+    """What a config checks against before any compute (``TrialConfig.check_data``)."""
+
+    n: int  # number of images
+    shape: tuple[int, int, int]  # (C, H, W)
+    classes: tuple[int, ...]  # sorted distinct labels; () for an unlabeled set
+
+
+@dataclass(frozen=True)
 class ImageSet:
     x: torch.Tensor  # uint8, N×C×H×W, contiguous
     y: torch.Tensor | None  # int64 (N,), or None
@@ -45,6 +54,10 @@ class ImageSet:
     def shape(self) -> tuple[int, int, int]:
         c, h, w = self.x.shape[1:]
         return (c, h, w)
+
+    def info(self) -> SetInfo:
+        classes = () if self.y is None else tuple(int(c) for c in torch.unique(self.y).tolist())
+        return SetInfo(len(self), self.shape, classes)
 
 
 _IDX = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "notmnist": "notMNIST"}

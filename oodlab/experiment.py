@@ -1,15 +1,17 @@
-"""One trial, pure: config -> data -> model -> epochs of training -> OOD evaluation.
+"""The method contract: one trial, pure: config -> data -> model -> epochs of training -> OOD evaluation.
 
-This is the science end of the pipeline; it knows nothing of Ray, Optuna or MLflow.
-Each method (``oodlab.methods.<name>``) defines a ``Config`` (a subclass of
-``TrialConfig``) and an ``Experiment`` (a subclass of ``Experiment`` here) that holds
-everything a checkpoint needs. ``build`` picks them by the config's ``method`` key;
-``run_trial`` is the bare loop that benchmarks and tests call, and
-``oodlab.trainable`` wraps the same object for Ray Tune.
+This is the science end of the pipeline; it knows nothing of Ray, Optuna or MLflow, nor of
+the methods themselves. Each method (``oodlab.methods.<name>``) defines a ``Config`` (a
+frozen dataclass subclassing ``TrialConfig``) and an ``Experiment`` (subclassing the
+abstract ``Experiment[Config]`` here) that holds everything a checkpoint needs.
+``oodlab.registry`` maps the config's ``method`` key to that pair (this module never
+imports it, so there is no import cycle); ``registry.run_trial`` is the bare loop that
+benchmarks and tests call, and ``oodlab.trainable`` wraps the same object for Ray Tune.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -27,13 +29,18 @@ from oodlab.metrics import METRICS, ood_metrics
 
 Scores = dict[str, dict[str, np.ndarray]]  # {"id" | ood_key | "val_id" | "val_"+val_key: {score_name: (N,) array}}
 VAL = "val_"  # prefix of validation sets' score keys and metric names
+SetInfos = dict[tuple[str, str], data.SetInfo]  # (spec, split) -> size, (C, H, W) and labels as loaded
+
+
+_T = TypeVar("_T", bound="TrialConfig")
 
 
 class ConfigError(ValueError):
     """A trial configuration that cannot run; raised before any compute."""
 
 
-def _check(checks: list[tuple[bool, str]]) -> None:
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first failed ``(ok, message)`` pair."""
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
@@ -43,7 +50,7 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 class TrialConfig:
     """Fields every method shares: data, optimisation, evaluation. Methods subclass it."""
 
-    method: str = "negprior"  # which oodlab.methods module runs the trial
+    method: str = "negprior"  # which method runs the trial: a key of oodlab.registry.METHODS
     # --- data ---
     id: str = "fashion_mnist"  # in-distribution set (train split for training, test split for scoring)
     ood: tuple[str, ...] = ("mnist",)  # OOD test sets, each scored and reported on its own
@@ -72,7 +79,7 @@ class TrialConfig:
         for name in ("ood", "val_ood"):
             specs = getattr(self, name)
             object.__setattr__(self, name, tuple(data.split_specs(specs) if isinstance(specs, str) else specs))
-        _check([
+        require([
             (len(self.ood) > 0, "ood: give at least one OOD set"),
             (len(self.val_ood) > 0, "val_ood: give at least one validation OOD set"),
             (self.val_n >= 1, f"val_n must be >= 1 (ID training images held out for validation), got {self.val_n}"),
@@ -131,21 +138,20 @@ class TrialConfig:
             raise ConfigError(f"val_n={self.val_n} but the ID training set {self.id!r} has only {n} images; "
                               f"hold out fewer (val_n < {n})")
 
-    def check_data(self, shapes: dict[str, tuple[int, int, int]]) -> None:
-        """Check the method fits the data before any compute; ``shapes``: (spec, split) -> (C, H, W)
-        of every set in ``data_requests()`` as loaded (after padding). Raise ConfigError."""
-        train = shapes[(self.id, "train")]
+    def check_data(self, sets: SetInfos) -> None:
+        """Check the method fits the data before any compute; ``sets``: (spec, split) -> SetInfo of
+        every set in ``data_requests()`` as loaded (after padding). Raise ConfigError. The runner
+        calls it for every config before Ray starts; methods extend it with their model's checks."""
+        train = sets[(self.id, "train")].shape
         for spec in (self.id, *self.ood, *(v for v in self.val_ood if not data.takes_shape(v))):
-            if shapes[(spec, "test")] != train:
-                raise ConfigError(f"set {spec!r} has images of shape {shapes[(spec, 'test')]} but the ID set has "
-                                  f"{train}; make them match with modifiers such as [channels=3,size=32]")
+            same_shape(spec, sets[(spec, "test")].shape, train)
 
     def score_names(self) -> tuple[str, ...]:
         """Names of the scores the method reports (higher = more OOD)."""
         return ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+    def from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -201,6 +207,20 @@ def metric_table(scores: Scores, oods: tuple[str, ...], split: str = "test") -> 
             for m, v in ood_metrics(ref[score_name], s_out).items():
                 table[metric_name(m, spec, score_name, split)] = v
     return table
+
+
+def same_shape(name: str, shape: tuple[int, ...], id_shape: tuple[int, ...]) -> None:
+    """ConfigError unless a set's (C, H, W) equals the ID set's."""
+    if tuple(shape) != tuple(id_shape):
+        raise ConfigError(f"set {name!r} has images of shape {tuple(shape)} but the ID set has {tuple(id_shape)}; "
+                          "make them match with modifiers such as [channels=3,size=32]")
+
+
+def labels_of(spec: str, info: data.SetInfo, method: str) -> tuple[int, ...]:
+    """The ID set's classes; ConfigError for a set without labels that ``method`` needs."""
+    if not info.classes:
+        raise ConfigError(f"ID set {spec!r} has no labels; {method} needs them")
+    return info.classes
 
 
 def evaluation_table(scores: Scores, cfg: TrialConfig) -> dict[str, float]:
@@ -259,10 +279,15 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
              VAL + "id": _head(val_id, cfg.test_n),
              **{score_key(v, "val"): load(data.at_shape(v, native), "test", cfg.test_n) for v in cfg.val_ood}}
     for name, s in tests.items():
-        if s.shape != train.shape:
-            raise ConfigError(f"set {name!r} has images of shape {s.shape} but the ID set has {train.shape}; "
-                              "make them match with modifiers such as [channels=3,size=32]")
+        same_shape(name, s.shape, train.shape)
     return train, tests
+
+
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backpropagate, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 class EpochMeans:
@@ -300,17 +325,28 @@ class EpochResult:
     seconds: float = 0.0
 
 
-class Experiment:
-    """Base of a method's trial: subclasses set ``cfg``, ``device``, ``epoch`` and implement
-    ``train_epoch``, ``score``, ``state_dict`` and ``load_state_dict``."""
+C = TypeVar("C", bound=TrialConfig)
 
-    cfg: TrialConfig
+
+class Experiment(abc.ABC, Generic[C]):
+    """One trial of a method: ``__init__(cfg)`` builds data and model (calling ``start``);
+    the abstract methods are what a method must write, everything else is shared.
+
+    Subclasses set ``cfg``, ``device``, ``epoch`` (``start`` does) and hold in
+    ``state_dict`` all a checkpoint needs to resume the trial bit for bit.
+    """
+
+    cfg: C
     device: torch.device
     epoch: int = 0
     train_x: torch.Tensor  # ID training images, uint8 on the device (for ``shuffled_epoch``)
     gen: torch.Generator  # the trial's batch-order generator (for ``shuffled_epoch``)
 
-    def start(self, cfg: TrialConfig) -> data.ImageSet:
+    @abc.abstractmethod
+    def __init__(self, cfg: C) -> None:
+        """Load data (``self.start(cfg)``), build the model and optimisers; no training yet."""
+
+    def start(self, cfg: C) -> data.ImageSet:
         """Common start of a method's ``__init__``: config, device, seed, the sets to score on the
         device (``self.eval_sets``: test and validation; ``self.test``: the test ones only);
         returns the ID training set (validation images held out)."""
@@ -320,30 +356,43 @@ class Experiment:
         self.test = {k: v for k, v in self.eval_sets.items() if not k.startswith(VAL)}
         return train
 
+    @abc.abstractmethod
     def train_epoch(self) -> dict[str, float]:
-        raise NotImplementedError
+        """One epoch of training; returns the mean of each loss part (``shuffled_epoch`` helps)."""
 
-    def shuffled_epoch(self, step: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, float]:
+    def shuffled_epoch(self, step: Callable[[torch.Tensor], dict[str, Any]],
+                       opt: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """One shuffled pass over ``self.train_x`` in ``cfg.batch_size`` batches, the order drawn from
-        ``self.gen``: ``step(idx)`` trains on one batch and returns its loss parts; returns their means."""
+        ``self.gen``: ``step(idx)`` returns one batch's loss parts, and with ``opt`` given the pass
+        descends on ``parts["loss"]`` (without, ``step`` makes its own updates); returns their means."""
         means = EpochMeans()
         for idx in data.batch_indices(len(self.train_x), self.cfg.batch_size, shuffle=True, generator=self.gen,
                                       device=self.device):
-            means.add(step(idx))
+            parts = step(idx)
+            if opt is not None:
+                descend(opt, parts["loss"])
+            means.add(parts)
         return means.means(self.epoch + 1)
 
+    @abc.abstractmethod
     def score(self) -> Scores:
         """Scores of every set in ``self.eval_sets`` (test and validation), keyed as there."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Everything to resume: weights, optimiser states, RNG states, epoch."""
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Inverse of ``state_dict``."""
 
     def write_artifacts(self, folder: Path) -> None:
         """Optional: write method-specific files (figures, sample grids) for the final MLflow run."""
+
+    def score_generator(self) -> torch.Generator:
+        """A fresh generator for an evaluation's random draws (seed + 1): scores do not depend on
+        how many evaluations came before, so a resumed trial scores as an uninterrupted one."""
+        return torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
 
     def evaluate(self) -> tuple[dict[str, float], Scores]:
         """Score every set in ``self.eval_sets``; the test and validation tables (``evaluation_table``)."""
@@ -365,37 +414,3 @@ class Experiment:
     @property
     def done(self) -> bool:
         return self.epoch >= self.cfg.epochs
-
-
-def method_module(name: str):
-    from oodlab import methods  # late: method modules import this one
-
-    try:
-        return methods.get(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def build_config(d: dict[str, Any] | TrialConfig) -> TrialConfig:
-    """The method's own Config from a flat dict (as Tune and MLflow see it)."""
-    if isinstance(d, TrialConfig):
-        return d
-    return method_module(d.get("method", "negprior")).Config.from_dict(d)
-
-
-def build(config: dict[str, Any] | TrialConfig) -> Experiment:
-    cfg = build_config(config)
-    return method_module(cfg.method).Experiment(cfg)
-
-
-def run_trial(
-    config: dict[str, Any] | TrialConfig, on_epoch: Callable[[EpochResult], None] | None = None
-) -> EpochResult:
-    """Run a whole trial without Ray; returns the last epoch's result."""
-    exp = build(config)
-    res = None
-    while not exp.done:
-        res = exp.step()
-        if on_epoch:
-            on_epoch(res)
-    return res

@@ -23,27 +23,33 @@ from dataclasses import dataclass
 
 import torch
 
+from oodlab.vae_math import kl_to_normal, log_normal
+
 FAMILIES = ("gaussian", "gen_gaussian")
 
 
 LAYOUTS = ("axes", "line")
 
 
-def component_means(components: int, distance: float, dim: int, layout: str = "axes") -> torch.Tensor:
-    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; for K > 2 d·e_i (``axes``, needs D ≥ K)
-    or d·i·e_1, i = 0..K−1 (``line``)."""
+def check_components(components: int, dim: int, layout: str = "axes") -> None:
+    """ValueError unless K components fit a D-dim latent: K >= 1, a known layout, and D >= K when
+    K > 2 with the means on the axes (d·e_i)."""
     if components < 1:
         raise ValueError(f"components must be >= 1, got {components}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if components > 2 and layout == "line":
-        means = torch.zeros(components, dim, dtype=torch.float64)
-        means[:, 0] = distance * torch.arange(components, dtype=torch.float64)
-        return means
-    if components > 2 and components > dim:
+    if components > 2 and layout == "axes" and components > dim:
         raise ValueError(f"{components} components at d·e_i need latent_dim >= {components}, got {dim}")
+
+
+def component_means(components: int, distance: float, dim: int, layout: str = "axes") -> torch.Tensor:
+    """(K, D) means: 0 for K = 1; ±d/2 on axis 0 for K = 2; for K > 2 d·e_i (``axes``, needs D ≥ K)
+    or d·i·e_1, i = 0..K−1 (``line``)."""
+    check_components(components, dim, layout)
     means = torch.zeros(components, dim, dtype=torch.float64)
-    if components == 2:
+    if components > 2 and layout == "line":
+        means[:, 0] = distance * torch.arange(components, dtype=torch.float64)
+    elif components == 2:
         means[:, 0] = torch.tensor([-distance / 2, distance / 2], dtype=torch.float64)
     elif components > 2:
         means[torch.arange(components), torch.arange(components)] = distance
@@ -107,9 +113,8 @@ class MixturePrior:
         """KL(q(z|x) || p_c) per row (B,): closed form for Gaussian components, else the
         one-sample estimate log q(z|x) − log p_c(z) at the reparameterized z."""
         if self.family == "gaussian":
-            return 0.5 * (logvar.exp() + (mu - self.means[comp]).pow(2) - 1.0 - logvar).sum(-1)
-        log_q = -0.5 * (logvar + (z - mu).pow(2) / logvar.exp() + math.log(2 * math.pi)).sum(-1)
-        return log_q - self.log_prob_assigned(z, comp)
+            return kl_to_normal(mu, logvar, self.means[comp])
+        return log_normal(z, mu, logvar) - self.log_prob_assigned(z, comp)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the component with the highest density at z: (B, D) -> (B,)."""
@@ -139,7 +144,3 @@ def _gamma_icdf(u: torch.Tensor, a: float) -> torch.Tensor:
 
     return torch.from_numpy(gammaincinv(a, u.cpu().numpy())).to(u.device)
 
-
-def standard_prior(dim: int, device: torch.device | str = "cpu") -> MixturePrior:
-    """N(0, I) as a one-component mixture."""
-    return MixturePrior.build("gaussian", 1, 0.0, dim, device=device)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from oodlab.metrics import roc
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend; imported late since most code paths draw nothing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +23,7 @@ def _pyplot():
 def roc_figure(scores: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     """One panel per score; one ROC curve per OOD set (OOD = positive): test sets against the ID
     test set (solid), validation sets (keys ``val_*``) against the ID validation set (dashed)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(scores["id"])
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
     for ax, score in zip(axes[0], names):
@@ -40,7 +42,7 @@ def roc_figure(scores: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
 def histogram_figure(scores: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     """One panel per score; overlaid histograms of ID test and each OOD set."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(scores["id"])
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
     for ax, score in zip(axes[0], names):

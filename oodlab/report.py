@@ -223,9 +223,9 @@ def to_csv(cells: list[Cell]) -> str:
 
 def bar_plot(cells: list[Cell], path: Path) -> None:
     """One panel per score: bars = mean AUROC (error bar = sd) per row and source; black ticks = paper."""
-    from oodlab.plots import _pyplot
+    from oodlab.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     scores = sorted({c.score for c in cells}, key=lambda s: (s not in SCORE_TITLES, s))
     negs = _negatives(cells)
     fig, axes = plt.subplots(len(scores), 1, figsize=(max(6, 1.6 * len({c.row for c in cells}) * len(negs) / 2), 3.2 * len(scores)),

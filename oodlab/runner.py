@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from oodlab import console, ray_connect, stores, tags, tracking, tune_internals
-from oodlab.experiment import build_config, metric_name
+from oodlab.experiment import metric_name
+from oodlab.registry import build_config
 from oodlab.space import Space, grid_values
 from oodlab.study import Plan, StudyError, StudyInterrupted, first_point
 

@@ -11,19 +11,10 @@ proper discrete likelihood; it is what the paper scores, so we keep it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from oodlab.models.vae import VAE
-from oodlab.priors import kl_to_normal, log_normal
-
-SCORES = ("bpd", "kl", "iwae")
-
-
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-    return mu + eps * (0.5 * logvar).exp()
+from oodlab.vae_math import iwae_log_weights, kl_to_normal, log_mean_exp, reparameterize, sample_k, to_bpd
 
 
 def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -35,24 +26,15 @@ def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = 
     return {"rec": rec, "kl": kl, "elbo": rec - kl, "mu": mu, "logvar": logvar}
 
 
-def to_bpd(log_likelihood: torch.Tensor, dims: int) -> torch.Tensor:
-    """Bits per dimension of a log-likelihood (in nats) of a D-dimensional input."""
-    return -log_likelihood / (dims * math.log(2.0))
-
-
 def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """IWAE bound log (1/k Σ_i w_i), w_i = p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x); (B,).
 
     The k samples are folded into the batch (B·k rows) so one decoder call serves all.
     """
     mu, logvar = model.encode(x)
-    b, d = mu.shape
-    mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (B·k, D)
-    z = reparameterize(mu_k, logvar_k, generator)
-    x_k = x.repeat_interleave(k, 0)
-    zeros = torch.zeros_like(z)
-    log_w = model.log_px(x_k, model.decode(z)) + log_normal(z, zeros, zeros) - log_normal(z, mu_k, logvar_k)
-    return torch.logsumexp(log_w.view(b, k), dim=1) - math.log(k)
+    z, mu_k, logvar_k = sample_k(mu, logvar, k, generator)
+    log_w = iwae_log_weights(model.log_px(x.repeat_interleave(k, 0), model.decode(z)), z, mu_k, logvar_k)
+    return log_mean_exp(log_w.view(len(x), k), dim=1)
 
 
 @torch.no_grad()

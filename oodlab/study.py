@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from oodlab import data
-from oodlab.experiment import VAL, ConfigError, build_config, is_val_metric, metric_name
+from oodlab.experiment import VAL, ConfigError, is_val_metric, metric_name
+from oodlab.registry import build_config
 from oodlab.space import (
     Categorical,
     Space,
@@ -348,17 +349,15 @@ def validate(plan: Plan, args: argparse.Namespace) -> None:
     unknown = [t for t in plan.targets if t not in known]
     if unknown:
         raise StudyError(f"target metric {', '.join(unknown)} is not reported; reported: {', '.join(known)}")
-    shapes: dict[tuple[str, str, bool], tuple[int, int, int]] = {}
-    sizes: dict[tuple[str, str, bool], int] = {}
+    sets: dict[tuple[str, str, bool], data.SetInfo] = {}
     try:  # load every set once: a missing file, a model that does not fit the data, a too large val_n fail here
         for cfg in configs:
             for req in cfg.data_requests():
-                if (*req, cfg.pad) not in shapes:
-                    s = data.load(*req, pad_to=32 if cfg.pad else None)
-                    shapes[(*req, cfg.pad)], sizes[(*req, cfg.pad)] = s.shape, len(s)
-            by_request: dict[Any, tuple[int, int, int]] = {req: shapes[(*req, cfg.pad)] for req in cfg.data_requests()}
+                if (*req, cfg.pad) not in sets:
+                    sets[(*req, cfg.pad)] = data.load(*req, pad_to=32 if cfg.pad else None).info()
+            by_request = {req: sets[(*req, cfg.pad)] for req in cfg.data_requests()}
             cfg.check_data(by_request)
-            cfg.check_sizes({req: sizes[(*req, cfg.pad)] for req in cfg.data_requests()})
+            cfg.check_sizes({req: info.n for req, info in by_request.items()})
     except (data.DataError, ConfigError) as e:
         raise StudyError(str(e)) from None
 

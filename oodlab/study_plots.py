@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from oodlab.plots import _pyplot
+from oodlab.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def _optuna_figure(draw: Any, path: Path) -> Path | None:
     """An ``optuna.visualization.matplotlib`` plot saved as PNG (None when it cannot be drawn)."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
@@ -48,7 +48,7 @@ def target_vs_params(rows: list[dict[str, Any]], keys: list[str], target: str, p
     keys = [k for k in keys if k != "seed" and len({str(r.get(k)) for r in done}) > 1]
     if not done or not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         numeric = all(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in done)

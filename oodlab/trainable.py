@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, STATE_FILE, save_scores
-from oodlab.experiment import build
+from oodlab.registry import build
 
 __all__ = ["STATE_FILE", "newest_checkpoints", "restore", "train"]
 

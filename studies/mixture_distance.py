@@ -11,9 +11,10 @@ paper Table 1: MNIST NLL 1372.2 standard vs 2679.9 bimodal d=100).
 
     python studies/mixture_distance.py --smoke                      # ~2 min on 2 CPU cores
     python studies/mixture_distance.py --families gaussian,gen_gaussian --seeds 3 --gpus-per-trial 0.25
-    python studies/mixture_distance.py --components 1,2 --distances 150 --target val_nll_gap_blobs   # Table 1
+    python studies/mixture_distance.py --components 1,2 --distances 150   # Table 1 (nll_gap_mnist in every run)
     python studies/mixture_distance.py --sampler tpe --num-samples 20 --distances 10,14,20,30,50,70,100,150,200,300
-    python studies/mixture_distance.py --models glow --components 1,2 --distances 100 --target val_nll_gap_blobs
+    python studies/mixture_distance.py --models glow --components 1,2 --distances 100
+    python studies/mixture_distance.py --sampler tpe --num-samples 20 --seeds 2   # d, family, β, K over the ranges
     python studies/mixture_distance.py --resume                     # after a crash or Ctrl-C
 """
 
@@ -82,7 +83,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         fixed=fixed,
         space=space,
         grid=grid,
-        metric=ValTarget("auroc", "nll"),  # --target val_nll_gap_<set> for the mean-NLL gap
+        metric=ValTarget("auroc", "nll"),
         paper_point={"distance": 150.0, "beta": 4.0, "components": 2},
     )
 

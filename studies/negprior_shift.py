@@ -3,12 +3,14 @@
 A VAE is trained on the ID set while the posteriors of auxiliary negatives are pushed to
 N(shift·1, I); the sweep covers shift ∈ {2,4,6,8,10} for gray data and {5,…,30} for
 color data (paper's choices: 8 and 25), over seeds. Each trial scores BPD and KL on the
-ID test set and every OOD set; Optuna's target is AUROC(ID vs first OOD set, BPD).
+ID test set and every OOD set, and on the validation sets; Optuna's target is the validation
+AUROC of BPD (held-out ID training images vs the first validation OOD set).
 
     python studies/negprior_shift.py --smoke                 # minutes on a laptop CPU
     python studies/negprior_shift.py --seeds 3 --gpus-per-trial 0.5
     python studies/negprior_shift.py --resume                # after a crash or Ctrl-C
     python studies/negprior_shift.py --negatives none --shifts 8   # the baseline VAE
+    python studies/negprior_shift.py --sampler tpe --scheduler asha --space shift=2..10   # TPE + early stopping
 """
 
 import argparse

@@ -21,16 +21,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from oodlab.experiment import build_config, load_sets, resolve_device
+from oodlab.experiment import load_sets, resolve_device
 from oodlab.space import Categorical, FloatRange, IntRange
 from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
-FAMILIES = {  # score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
+# score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
+FAMILIES: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "rose": ("rose", {"preconditioner": ["diag", "ekfac"], "fisher_n": [100, 1000, 10000]}),
     "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)],
                           "lratio_l2": [0.0, 10.0]}),
@@ -38,7 +40,7 @@ FAMILIES = {  # score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ;
 }
 # Continuous spaces: Fisher sample count on a log scale over the paper's 100..10000; LRatio λ over
 # [0, 10] (μ is part of a perturbation spec string, so it stays a list); RND K over 16..28.
-SPACES = {
+SPACES: dict[str, dict[str, Any]] = {
     "rose": {"preconditioner": Categorical(("diag", "ekfac")), "fisher_n": IntRange(100, 10000, log=True)},
     "lratio": {"lratio_perturbation": Categorical(tuple(FAMILIES["lratio"][1]["lratio_perturbation"])),
                "lratio_l2": FloatRange(0.0, 10.0)},
@@ -108,9 +110,9 @@ def build(args: argparse.Namespace) -> StudySpec:
 
 def pretrain(fixed: dict) -> None:
     """Train the shared VAE once in the driver (a no-op when it is cached), so trials only score."""
-    from oodlab.methods.rose import ensure_vae
+    from oodlab.methods.rose import Config, ensure_vae
 
-    cfg = build_config(fixed)
+    cfg = Config.from_dict(fixed)
     device = resolve_device(cfg.device)
     train, _ = load_sets(cfg, device)
     logging.getLogger("oodlab").info("shared VAE: %s (%d images, %d epochs)", cfg.vae_cache, len(train), cfg.epochs)

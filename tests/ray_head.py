@@ -51,7 +51,7 @@ def ray_head(ray_tmp: str, num_cpus: int = 2, dashboard: bool = False, timeout: 
            f"--dashboard-agent-listen-port={free_port()}", f"--include-dashboard={str(dashboard).lower()}"]
     if dashboard:
         cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
-    log = open(Path(ray_tmp) / "head.log", "wb")
+    log = open(Path(ray_tmp) / "head.log", "wb")  # closed below
     env = env or {k: v for k, v in study_env(ray_tmp).items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(proc, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}" if dashboard else "", ray_tmp)

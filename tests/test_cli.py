@@ -47,7 +47,7 @@ def test_cli_errors_and_list(tmp_path):
     out = _oodlab("list", "--storage", tmp_path)
     assert out.returncode == 0
     row = next(line for line in out.stdout.splitlines() if line.startswith("demo"))
-    assert row.split()[1:4] == ["2", "0", "0"] and row.split()[5] == "no"
+    assert row.split()[1:5] == ["2", "0", "0", "0"] and row.split()[6] == "no"  # complete running failed pruned
 
 
 def test_cli_run_passes_flags_through(tmp_path):

@@ -10,7 +10,6 @@ from oodlab import data
 from oodlab.data import DataError, ImageSet
 
 ROOT = Path(os.environ["OODLAB_DATA_DIR"])  # set by conftest.py
-needs_data = pytest.mark.skipif(not (ROOT / "FashionMNIST" / "raw").is_dir(), reason="offline data not found")
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +22,6 @@ def _mean(ds: ImageSet) -> float:
     return data.to_float(ds.x).mean().item()
 
 
-@needs_data
 def test_fashion_mnist_train_and_test():
     tr = data.load("fashion_mnist", "train")
     assert tr.x.shape == (60000, 1, 28, 28) and tr.x.dtype == torch.uint8 and tr.x.is_contiguous()
@@ -36,7 +34,6 @@ def test_fashion_mnist_train_and_test():
     assert abs(_mean(te) - 0.2868) < 1e-3
 
 
-@needs_data
 def test_mnist_and_notmnist_test():
     m = data.load("mnist", "test")
     assert m.x.shape == (10000, 1, 28, 28)
@@ -47,7 +44,6 @@ def test_mnist_and_notmnist_test():
     assert abs(_mean(nm) - 0.4266) < 1e-3
 
 
-@needs_data
 def test_omniglot():
     te, tr = data.load("omniglot", "test"), data.load("omniglot", "train")
     assert te.x.shape == (3120, 1, 28, 28) and te.x.dtype == torch.uint8
@@ -61,7 +57,6 @@ def test_omniglot():
     assert data.load("omniglot", "test").x.max().item() > 200
 
 
-@needs_data
 def test_labels_modifier():
     ds = data.load("mnist[labels=0-4]")
     assert set(ds.y.unique().tolist()) == {0, 1, 2, 3, 4}
@@ -74,7 +69,6 @@ def test_labels_modifier():
         data.load("mnist[labels=42]")
 
 
-@needs_data
 def test_n_modifier_is_deterministic_subset():
     a, b = data.load("mnist[n=100]"), data.load("mnist[n=100]")
     full = data.load("mnist")
@@ -86,7 +80,6 @@ def test_n_modifier_is_deterministic_subset():
         data.load("mnist[n=20000]")
 
 
-@needs_data
 def test_pad_to_32():
     ds = data.load("mnist[n=20]", pad_to=32)
     assert ds.x.shape == (20, 1, 32, 32)
@@ -99,7 +92,6 @@ def test_pad_to_32():
         data.load("mnist[n=2]", pad_to=20)
 
 
-@needs_data
 def test_channels_and_size():
     ds = data.load("mnist[n=10,channels=3]")
     assert ds.shape == (3, 28, 28) and torch.equal(ds.x[:, 0], ds.x[:, 2])
@@ -201,7 +193,6 @@ def test_missing_data_names_path(tmp_path, monkeypatch, name, split, rel):
     assert str(tmp_path / rel) in msg and "OODLAB_DATA_DIR" in msg and name in msg
 
 
-@needs_data
 def test_offline_mnist_train_is_clear_error():
     with pytest.raises(DataError, match="mnist \\(train split\\) not found") as e:
         data.load("mnist", "train")

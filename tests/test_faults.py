@@ -165,7 +165,7 @@ def test_restore_takes_the_newest_readable_checkpoint(tmp_path):
     import torch
     from ray import tune
 
-    from oodlab.experiment import build
+    from oodlab.registry import build
     from oodlab.trainable import STATE_FILE, restore
 
     cfg = dict(train_n=100, test_n=20, epochs=3, device="cpu")

@@ -7,8 +7,8 @@ import torch
 from torch import distributions as D
 
 from oodlab.models.vae import VAE, VAEConfig
-from oodlab.priors import kl_to_normal, log_normal
-from oodlab.scores import elbo_terms, iwae_log_likelihood, score_batch, to_bpd
+from oodlab.scores import elbo_terms, iwae_log_likelihood, score_batch
+from oodlab.vae_math import kl_to_normal, log_normal, to_bpd
 
 
 @pytest.mark.parametrize("arch,c,s", [("gray", 1, 28), ("gray", 1, 32), ("color", 3, 32)])

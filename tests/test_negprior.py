@@ -5,10 +5,11 @@ import torch
 from conftest import assert_resumes_exactly
 
 from oodlab import data
-from oodlab.experiment import ConfigError, build_config, run_trial
+from oodlab.experiment import ConfigError
 from oodlab.methods import negprior
 from oodlab.methods.negprior import Config, Experiment
 from oodlab.models.vae import VAE, VAEConfig
+from oodlab.registry import build_config, run_trial
 
 
 def test_loss_parts_and_baseline():

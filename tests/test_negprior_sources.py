@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from conftest import assert_resumes_exactly
 
 from oodlab import data
-from oodlab.experiment import ConfigError, build_config, run_trial
+from oodlab.experiment import ConfigError
 from oodlab.methods import negprior
 from oodlab.methods.negprior import Config, Experiment
 from oodlab.models.vae import VAE, VAEConfig
-from oodlab.priors import kl_to_normal
+from oodlab.registry import build_config, run_trial
 from oodlab.report import PAPER_000, aggregate, bar_plot, paper_reference, to_csv, to_markdown
 from oodlab.scores import iwae_log_likelihood
+from oodlab.vae_math import kl_to_normal
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_sources.py"

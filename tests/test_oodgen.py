@@ -11,11 +11,12 @@ import torch
 from conftest import assert_resumes_exactly, study_env
 from scipy.stats import chi2
 
-from oodlab.experiment import ConfigError, build_config, run_trial
+from oodlab.experiment import ConfigError
 from oodlab.methods import classifier_baselines as cb
 from oodlab.methods import oodgen as og
 from oodlab.models.classifier import Classifier
 from oodlab.models.cvae import CVAE, CVAEConfig
+from oodlab.registry import build_config, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "cvae_oodgen.py"

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from oodlab import data
-from oodlab.experiment import ConfigError, build_config, is_val_metric, load_sets, metric_name, run_trial, val_id_name
+from oodlab.experiment import ConfigError, is_val_metric, load_sets, metric_name, val_id_name
 from oodlab.metrics import METRICS
+from oodlab.registry import build_config, run_trial
 
 
 def _indexed(n: int) -> data.ImageSet:

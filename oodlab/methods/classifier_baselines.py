@@ -21,10 +21,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from oodlab.models.classifier import Classifier
+
+
+class FeatureModel(Protocol):
+    """A classifier whose penultimate activations Mahalanobis scores are computed on."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class NotFittedError(RuntimeError):
@@ -84,7 +93,7 @@ def mahalanobis_sq(features: torch.Tensor, g: Gaussian) -> torch.Tensor:
     return w.pow(2).sum(0).view(diff.shape[:2])
 
 
-def mahalanobis(model: nn.Module, x: torch.Tensor, g: Gaussian, eps: float = 0.0) -> torch.Tensor:
+def mahalanobis(model: FeatureModel, x: torch.Tensor, g: Gaussian, eps: float = 0.0) -> torch.Tensor:
     """Min-over-classes Mahalanobis distance² of the penultimate features (B,), after optional preprocessing."""
     dist = lambda v: mahalanobis_sq(model.features(v), g).amin(-1)
     if eps > 0:
@@ -97,15 +106,16 @@ class MahalanobisDetector:
     """Thin wrapper: ``fit(model, x, y, n_classes)`` then ``detector(model, x)`` -> (B,) scores."""
 
     def __init__(self, eps: float = 0.0):
-        self.eps, self.g = eps, None
+        self.eps = eps
+        self.g: Gaussian | None = None
 
     @torch.no_grad()
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int, batch_size: int = 1000):
+    def fit(self, model: FeatureModel, x: torch.Tensor, y: torch.Tensor, n_classes: int, batch_size: int = 1000):
         feats = torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
         self.g = fit_tied_gaussian(feats, y, n_classes)
         return self
 
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model: FeatureModel, x: torch.Tensor) -> torch.Tensor:
         if self.g is None:
             raise NotFittedError("MahalanobisDetector.fit must run before scoring")
         return mahalanobis(model, x, self.g, self.eps)
@@ -121,13 +131,13 @@ def _dropout_only(model: nn.Module, on: bool) -> None:
 def mc_dropout_probs(model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
     """Softmax outputs of t dropout passes, (t, B, K), as one batch of t·B rows.
 
-    A model with ``trunk`` and ``tail`` (dropout only in the tail, ``model(x) = tail(trunk(x))``)
-    runs its trunk once; any other model runs whole t times.
+    A ``Classifier`` (dropout only in the tail, ``model(x) = tail(trunk(x))``) runs its trunk
+    once; any other model runs whole t times.
     """
     model.eval()
     _dropout_only(model, True)
     try:
-        if hasattr(model, "trunk") and hasattr(model, "tail"):
+        if isinstance(model, Classifier):
             h = model.trunk(x)
             logits = model.tail(h.repeat(t, *[1] * (h.ndim - 1)))  # (t·B, K)
         else:

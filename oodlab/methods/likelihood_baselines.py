@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodlab import data
-from oodlab.models.rose_vae import RoseVAE, elbo
+from oodlab.experiment import descend
+from oodlab.models.rose_vae import RoseVAE, elbo, elbo_from_stats
+from oodlab.vae_math import bits_per_dim, iwae_log_weights, log_mean_exp, reparameterize, to_bpd
 
 PERTURBATIONS = ("svd", "dct", "gb", "random")
 
@@ -41,11 +43,9 @@ def iwae_from_stats(
 ) -> torch.Tensor:
     """log (1/k Σ_i p(x|z_i) p(z_i) / q(z_i|x)), z_i = μ + σ·eps_i; x (B,C,H,W), eps (B,k,D) -> (B,)."""
     b, k, d = eps.shape
-    z = mu[:, None] + eps * (0.5 * logvar).exp()[:, None]  # (B, k, D)
+    z = reparameterize(mu[:, None], logvar[:, None], eps=eps)  # (B, k, D)
     log_px = model.log_px(x.repeat_interleave(k, 0), model.decode(z.reshape(b * k, d))).view(b, k)
-    log_pz = -0.5 * z.pow(2).sum(-1)
-    log_qz = -0.5 * eps.pow(2).sum(-1) - 0.5 * logvar.sum(-1, keepdim=True)  # the 2π terms cancel
-    return torch.logsumexp(log_px + log_pz - log_qz, 1) - math.log(k)
+    return log_mean_exp(iwae_log_weights(log_px, z, mu[:, None], logvar[:, None]), dim=1)
 
 
 def iwae_chunked(model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor,
@@ -63,7 +63,7 @@ def iwae_bpd(model: RoseVAE, x_u8: torch.Tensor, eps: torch.Tensor, rows: int | 
     for i in range(0, len(x_u8), 256):  # the encoder is cheap: wide batches
         x = data.to_float(x_u8[i : i + 256])
         out.append(iwae_chunked(model, x, *model.encode(x), eps[i : i + 256], rows))
-    return -torch.cat(out) / (model.dims * math.log(2.0))
+    return to_bpd(torch.cat(out), model.dims)
 
 
 # ---------------------------------------------------------------- Likelihood Regret
@@ -79,10 +79,7 @@ def refit_encoders(model: RoseVAE, x: torch.Tensor, eps_train: torch.Tensor, lr:
     weights = [w.requires_grad_(True) for w in model.encoder_copies(len(x))]
     opt = torch.optim.Adam(weights, lr=lr, fused=True)
     for t in range(eps_train.shape[1]):
-        mu, logvar = model.encode_copies(weights, x)
-        z = mu + eps_train[:, t] * (0.5 * logvar).exp()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
-        loss = (kl - model.log_px(x, model.decode(z))).sum()
+        loss = -elbo_from_stats(model, x, *model.encode_copies(weights, x), eps_train[:, t]).sum()
         for w, g in zip(weights, torch.autograd.grad(loss, weights)):  # not .backward(): no decoder weight grads
             w.grad = g
         opt.step()
@@ -98,7 +95,7 @@ def likelihood_regret_batched(model: RoseVAE, x_u8: torch.Tensor, eps_train: tor
     rows per pass (8 on a CPU: 4 or 16 copies were 15% slower per image).
     """
     batch = batch or model.rows_per_pass(x_u8.device)
-    before = -iwae_bpd(model, x_u8, eps_eval)
+    nll_before = iwae_bpd(model, x_u8, eps_eval)
     after = []
     for i in range(0, len(x_u8), batch):
         x = data.to_float(x_u8[i : i + batch])
@@ -106,7 +103,7 @@ def likelihood_regret_batched(model: RoseVAE, x_u8: torch.Tensor, eps_train: tor
         with torch.no_grad():
             mu, logvar = model.encode_copies(weights, x)
             after.append(iwae_chunked(model, x, mu, logvar, eps_eval[i : i + batch]))
-    return torch.cat(after) / (model.dims * math.log(2.0)) - before
+    return nll_before - to_bpd(torch.cat(after), model.dims)
 
 
 def refit_encoder_loop(model: RoseVAE, x: torch.Tensor, eps_train: torch.Tensor, lr: float) -> RoseVAE:
@@ -114,10 +111,7 @@ def refit_encoder_loop(model: RoseVAE, x: torch.Tensor, eps_train: torch.Tensor,
     m = copy.deepcopy(model)
     opt = torch.optim.Adam(m.encoder_parameters(), lr=lr)
     for t in range(eps_train.shape[1]):
-        loss = -elbo(m, x, eps_train[:, t]).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(opt, -elbo(m, x, eps_train[:, t]).sum())
     return m
 
 
@@ -131,7 +125,7 @@ def likelihood_regret_loop(model: RoseVAE, x_u8: torch.Tensor, eps_train: torch.
         with torch.no_grad():
             before = iwae_from_stats(model, x, *model.encode(x), eps_eval[j : j + 1])
             after = iwae_from_stats(model, x, *m.encode(x), eps_eval[j : j + 1])
-        out.append((after - before) / (model.dims * math.log(2.0)))
+        out.append(bits_per_dim(after - before, model.dims))
     return torch.cat(out)
 
 
@@ -253,9 +247,7 @@ def train_rnd(x_u8: torch.Tensor, perturbation: str, epochs: int, batch_size: in
         for idx in data.batch_indices(len(x_u8), batch_size, shuffle=True, generator=gen, device=x_u8.device):
             x, xp = data.to_float(x_u8[idx]), data.to_float(perturb(x_u8[idx], perturbation, gen))
             loss = (model.f(x) - model.g0(x)).pow(2).sum(1).mean() + (model.f(xp) - model.g1(xp)).pow(2).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            descend(opt, loss)
     return model.eval()
 
 

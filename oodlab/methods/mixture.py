@@ -26,7 +26,6 @@ MNIST's mean NLL). ``components=1`` is the standard-prior baseline.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,22 @@ import numpy as np
 import torch
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, set_key
+from oodlab.experiment import (
+    ConfigError,
+    Scores,
+    SetInfos,
+    TrialConfig,
+    auto_arch,
+    labels_of,
+    require,
+    set_key,
+)
 from oodlab.experiment import Experiment as BaseExperiment
-from oodlab.mixture_priors import FAMILIES, MixturePrior
+from oodlab.mixture_priors import FAMILIES, MixturePrior, check_components
 from oodlab.models import glow
 from oodlab.models.mixture_vae import ARCHS, CatVAE, CatVAEConfig
-from oodlab.plots import _pyplot
-from oodlab.priors import log_normal
-from oodlab.scores import reparameterize
+from oodlab.plots import pyplot
+from oodlab.vae_math import bits_per_dim, iwae_log_weights, log_mean_exp, reparameterize, sample_k
 
 MODELS = ("vae", "glow")
 ASSIGNMENTS = ("labels", "kmeans")
@@ -50,12 +57,16 @@ ASSIGNMENTS = ("labels", "kmeans")
 
 # ---------------------------------------------------------------- pure pieces
 
+def check_one_component_per_class(classes: tuple[int, ...], components: int) -> None:
+    if len(classes) != components:
+        raise ConfigError(f"assignment=labels needs one component per class: the ID training set has "
+                          f"{len(classes)} classes {list(classes)} but components={components}")
+
+
 def assign_by_labels(y: torch.Tensor, components: int) -> torch.Tensor:
     """Component of each image = rank of its label among the sorted distinct labels."""
     classes = torch.unique(y)  # sorted
-    if len(classes) != components:
-        raise ConfigError(f"assignment=labels needs one component per class: the ID training set has "
-                          f"{len(classes)} classes {classes.tolist()} but components={components}")
+    check_one_component_per_class(tuple(classes.tolist()), components)
     return torch.searchsorted(classes, y)
 
 
@@ -83,7 +94,7 @@ def glow_loss(model: glow.Glow, prior: MixturePrior, x: torch.Tensor, comp: torc
     ``bpd`` is the same in bits per dimension. x: uint8 (B, C, H, W)."""
     z, logdet = model(glow.dequantize(x))
     nll = -glow.log_px(prior.log_prob_assigned(z, comp), logdet, model.dims).mean()
-    return {"loss": nll, "bpd": nll / (model.dims * math.log(2)), "logdet": logdet.mean()}
+    return {"loss": nll, "bpd": bits_per_dim(nll, model.dims), "logdet": logdet.mean()}
 
 
 @torch.no_grad()
@@ -106,15 +117,10 @@ def is_log_likelihood(model: CatVAE, prior: MixturePrior, x: torch.Tensor, k: in
     for i in range(0, len(x), group):
         xb = x[i : i + group]
         mu, logvar = model.encode(xb)
-        b, d = mu.shape
-        mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (b·k, D)
-        z = reparameterize(mu_k, logvar_k, generator)
-        log_w = (
-            model.log_px(xb.repeat_interleave(k, 0), model.decode(z))
-            + prior.log_prob(z)
-            - log_normal(z, mu_k, logvar_k)
-        )
-        out.append(torch.logsumexp(log_w.view(b, k), dim=1) - math.log(k))
+        z, mu_k, logvar_k = sample_k(mu, logvar, k, generator)
+        log_px = model.log_px(xb.repeat_interleave(k, 0), model.decode(z))
+        log_w = iwae_log_weights(log_px, z, mu_k, logvar_k, log_pz=prior.log_prob(z))
+        out.append(log_mean_exp(log_w.view(len(xb), k), dim=1))
     return torch.cat(out)
 
 
@@ -132,7 +138,7 @@ def nll_summary(scores: Scores, oods: tuple[str, ...]) -> dict[str, float]:
 def nll_by_component_figure(scores: Scores, comps: dict[str, np.ndarray], k: int, path: Path) -> None:
     """One panel per prior component: NLL histograms of ID test vs each OOD set, each image
     counted under the component nearest its posterior mean (paper Fig. 4 / 14, split by mode)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, k, figsize=(4.5 * k, 3.5), squeeze=False)
     values = np.concatenate([d["nll"] for d in scores.values()])
     lo, hi = np.percentile(values, [0.5, 99.5])
@@ -150,7 +156,7 @@ def nll_by_component_figure(scores: Scores, comps: dict[str, np.ndarray], k: int
 
 def latent_axis_figure(axis0: dict[str, np.ndarray], path: Path) -> None:
     """Histogram of the posterior means' first coordinate per set (paper Fig. 5 / 17)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, v in axis0.items():
         ax.hist(v, bins=60, alpha=0.5, density=True, label=name)
@@ -165,6 +171,7 @@ def latent_axis_figure(axis0: dict[str, np.ndarray], path: Path) -> None:
 
 @dataclass(frozen=True)
 class Config(TrialConfig):
+    method: str = "mixture"
     id: str = "fashion_mnist[labels=1,7]"  # paper §5.3: Trouser and Sneaker
     val_n: int = 1000  # of the 12,000 training images of classes 1 and 7
     val_ood: tuple[str, ...] = ("blobs", "fashion_mnist[labels=0,2-6,8,9]")  # blobs; the ID set's other classes
@@ -189,7 +196,7 @@ class Config(TrialConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check([
+        require([
             (self.model in MODELS, f"model must be one of {MODELS}; got {self.model!r}"),
             (self.arch in ("auto", *ARCHS), f"arch must be one of auto, {', '.join(ARCHS)}; got {self.arch!r}"),
             (self.family in FAMILIES, f"family must be one of {FAMILIES}; got {self.family!r}"),
@@ -201,18 +208,47 @@ class Config(TrialConfig):
             (self.glow_hidden >= 1, f"glow_hidden must be >= 1, got {self.glow_hidden}"),
             (1 <= self.glow_squeezes <= 4, f"glow_squeezes must be in 1..4, got {self.glow_squeezes}"),
             (self.layout in ("auto", "axes", "line"), f"layout must be auto, axes or line; got {self.layout!r}"),
-            (self.model == "glow" or self.components <= 2 or self.components <= self.latent_dim
-             or self.mean_layout == "line",
-             f"components={self.components} at d·e_i need latent_dim >= components, got {self.latent_dim}"),
             (0 <= self.distance <= 10_000, f"distance must be in [0, 10000], got {self.distance}"),
             (self.is_samples >= 1, f"is_samples must be >= 1, got {self.is_samples}"),
             (self.is_max_rows >= 1, f"is_max_rows must be >= 1, got {self.is_max_rows}"),
         ])
+        if self.model == "vae":  # Glow's latent size is known only with the data (check_data)
+            self.check_components(self.latent_dim)
 
     @property
     def mean_layout(self) -> str:
         """The K > 2 mean layout: ``layout``, or the paper's for the model (§5.4)."""
         return self.layout if self.layout != "auto" else ("line" if self.model == "glow" else "axes")
+
+    def check_components(self, dim: int) -> None:
+        try:
+            check_components(self.components, dim, self.mean_layout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def model_config(self, shape: tuple[int, int, int]) -> glow.GlowConfig | CatVAEConfig:
+        """The model for ID images of this (C, H, W), its latent checked against the components."""
+        c, h, w = shape
+        try:
+            if self.model == "glow":
+                mcfg: glow.GlowConfig | CatVAEConfig = glow.GlowConfig(
+                    channels=c, size=h, steps=self.glow_steps, hidden=self.glow_hidden, squeezes=self.glow_squeezes)
+                dim = c * h * w
+            else:
+                mcfg = CatVAEConfig(arch=auto_arch(self.arch, c), channels=c, size=h, latent_dim=self.latent_dim)
+                dim = self.latent_dim
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.check_components(dim)
+        return mcfg
+
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        train = sets[(self.id, "train")]
+        self.model_config(train.shape)
+        if self.components > 1 and self.assignment == "labels":
+            classes = labels_of(self.id, train, "assignment=labels (use assignment=kmeans)")
+            check_one_component_per_class(classes, self.components)
 
     def score_names(self) -> tuple[str, ...]:
         return ("nll",)
@@ -222,33 +258,20 @@ class Config(TrialConfig):
         return super().metric_names() + ["nll_mean_id"] + [f"nll_{w}_{k}" for k in keys for w in ("mean", "gap")]
 
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """Data, component assignment, VAE or Glow, optimizer and progress of one mixture-prior trial."""
 
     def __init__(self, cfg: Config):
         train = self.start(cfg)
         self.train_x = train.x  # (N, C, H, W) uint8 on device
-        c, h, _ = self.train_x.shape[1:]
-        try:
-            if cfg.model == "glow":
-                self.model = glow.Glow(glow.GlowConfig(channels=c, size=h, steps=cfg.glow_steps, hidden=cfg.glow_hidden,
-                                                       squeezes=cfg.glow_squeezes)).to(self.device)
-            else:
-                arch = auto_arch(cfg.arch, c)
-                self.model = CatVAE(CatVAEConfig(arch=arch, channels=c, size=h, latent_dim=cfg.latent_dim)).to(
-                    self.device
-                )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        dim = self.model.dims if cfg.model == "glow" else cfg.latent_dim
-        if cfg.components > 2 and cfg.components > dim and cfg.mean_layout == "axes":
-            raise ConfigError(
-                f"components={cfg.components} at d·e_i need a latent of >= {cfg.components} dims, got {dim}"
-            )
+        mcfg = cfg.model_config(train.shape)
+        self.model: glow.Glow | CatVAE = (glow.Glow(mcfg) if isinstance(mcfg, glow.GlowConfig) else CatVAE(mcfg)).to(
+            self.device)
+        dim = self.model.dims if isinstance(self.model, glow.Glow) else cfg.latent_dim
         self.prior = MixturePrior.build(cfg.family, cfg.components, cfg.distance, dim, cfg.beta, self.device,
                                         cfg.mean_layout)
         self.comp = self._assign(train)  # (N,) component of each training image
-        if cfg.model == "glow":
+        if isinstance(self.model, glow.Glow):
             # Data-dependent actnorm init on up to 512 training images (fixed dequantization draw).
             init_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
             self.model.initialize(glow.dequantize(self.train_x[:512], init_gen))
@@ -269,30 +292,25 @@ class Experiment(BaseExperiment):
         return assign_by_kmeans(train.x, k, self.cfg.seed)
 
     def train_epoch(self) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
+        model = self.model
         model.train()
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-            if cfg.model == "glow":
-                parts = glow_loss(model, self.prior, self.train_x[idx], self.comp[idx])
-            else:
-                parts = loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
-            self.opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            self.opt.step()
-            return parts
+            if isinstance(model, glow.Glow):
+                return glow_loss(model, self.prior, self.train_x[idx], self.comp[idx])
+            return loss(model, self.prior, data.to_float(self.train_x[idx]), self.comp[idx])
 
-        return self.shuffled_epoch(step)
+        return self.shuffled_epoch(step, self.opt)
 
     @torch.no_grad()
     def score(self) -> Scores:
         self.model.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        gen = self.score_generator()
         out, comps, axis0 = {}, {}, {}
         for name, s in self.eval_sets.items():
             nll, mus = [], []
             for i in range(0, len(s), self.cfg.eval_batch_size):
-                if self.cfg.model == "glow":  # exact likelihood; "posterior mean" = z itself
+                if isinstance(self.model, glow.Glow):  # exact likelihood; "posterior mean" = z itself
                     ll, z = glow_log_likelihood(self.model, self.prior, s.x[i : i + self.cfg.eval_batch_size], gen)
                     nll.append(-ll)
                     mus.append(z)
@@ -317,6 +335,7 @@ class Experiment(BaseExperiment):
         """``nll_by_component.png`` (ID vs OOD NLL per nearest component) and ``latent_axis0.png``."""
         if self._last is None:
             self.score()
+        assert self._last is not None  # set by score
         nll_by_component_figure(self._last["scores"], self._last["comps"], self.prior.components,
                                 folder / "nll_by_component.png")
         latent_axis_figure(self._last["axis0"], folder / "latent_axis0.png")

@@ -36,11 +36,21 @@ import torch
 from torch import nn
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, auto_arch, score_sets, set_key
+from oodlab.experiment import (
+    ConfigError,
+    Scores,
+    SetInfos,
+    TrialConfig,
+    auto_arch,
+    require,
+    same_shape,
+    score_sets,
+    set_key,
+)
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
-from oodlab.priors import kl_to_normal, log_normal
-from oodlab.scores import elbo_terms, reparameterize, score_batch
+from oodlab.scores import elbo_terms, score_batch
+from oodlab.vae_math import iwae_log_weights, kl_to_normal, sample_k
 
 NEGATIVES = ("none", "aux", "gaussian_noise", "uniform_noise", "random", "inlier_noise", "adversarial")
 SYNTHETIC = ("gaussian_noise", "uniform_noise")  # negatives loaded as fixed sets from oodlab.data
@@ -58,16 +68,9 @@ def eubo(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None 
     exponentiates a raw log-weight. It is ≥ the IWAE bound on the same samples.
     """
     mu, logvar = model.encode(x)
-    b = mu.shape[0]
-    mu_k, logvar_k = mu.repeat_interleave(k, 0), logvar.repeat_interleave(k, 0)  # (B·k, D)
-    z = reparameterize(mu_k, logvar_k, generator)
-    zeros = torch.zeros_like(z)
-    log_w = (
-        model.log_px(x.repeat_interleave(k, 0), model.decode(z))
-        + log_normal(z, zeros, zeros)
-        - log_normal(z, mu_k, logvar_k)
-    )
-    log_w = log_w.view(b, k)
+    z, mu_k, logvar_k = sample_k(mu, logvar, k, generator)
+    log_w = iwae_log_weights(model.log_px(x.repeat_interleave(k, 0), model.decode(z)), z, mu_k, logvar_k)
+    log_w = log_w.view(len(x), k)
     return (torch.softmax(log_w, dim=1) * log_w).sum(1)
 
 
@@ -83,7 +86,7 @@ def loss(model: VAE, x: torch.Tensor, x_neg: torch.Tensor | None, shift: float, 
         else:
             mu, logvar = model.encode(x_neg)
             out["neg_kl"] = kl_to_normal(mu, logvar, mean=shift).mean()
-        out["loss"] = nelbo + neg_weight * out.get("neg_eubo", out.get("neg_kl"))
+        out["loss"] = nelbo + neg_weight * (out["neg_eubo"] if use_eubo else out["neg_kl"])
     return out
 
 
@@ -169,7 +172,7 @@ class Config(TrialConfig):
         super().__post_init__()
         ood_bases = {_base(s) for s in self.ood}
         leaks = {"gaussian_noise": {"gaussian_noise"}, "uniform_noise": {"uniform_noise"}, "random": {"uniform_noise"}}
-        _check([
+        require([
             (self.arch in ("auto", *ARCHS), f"arch must be one of auto, {', '.join(ARCHS)}; got {self.arch!r}"),
             (self.decoder in DECODERS, f"decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}"),
             (self.negatives in NEGATIVES, f"negatives must be one of {NEGATIVES}; got {self.negatives!r}"),
@@ -199,16 +202,19 @@ class Config(TrialConfig):
         return {"aux": [self.aux], "gaussian_noise": ["gaussian_noise"], "uniform_noise": ["uniform_noise"],
                 "random": ["uniform_noise"]}.get(self.negatives, [])
 
-    def check_data(self, shapes: dict) -> None:
-        super().check_data(shapes)
-        c, h, _ = shapes[(self.id, "train")]
-        if self.negatives == "aux" and shapes[(self.aux, self.aux_split)] != (c, h, h):
-            raise ConfigError(f"aux set {self.aux!r} has images of shape {shapes[(self.aux, self.aux_split)]} "
-                              f"but the ID set has {(c, h, h)}")
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        shape = sets[(self.id, "train")].shape
+        if self.negatives == "aux":
+            same_shape(f"aux {self.aux}", sets[(self.aux, self.aux_split)].shape, shape)
+        self.vae_config(shape)
+
+    def vae_config(self, shape: tuple[int, int, int]) -> VAEConfig:
+        """The VAE for ID images of this (C, H, W); ConfigError when the architecture does not fit them."""
+        c, h, _ = shape
         try:
-            VAEConfig(
-                arch=auto_arch(self.arch, c), decoder=self.decoder, channels=c, size=h, latent_dim=self.latent_dim
-            )
+            return VAEConfig(arch=auto_arch(self.arch, c), decoder=self.decoder, channels=c, size=h,
+                             latent_dim=self.latent_dim)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -225,38 +231,34 @@ def noise_spec(name: str, shape: tuple[int, int, int]) -> str:
 
 # ---------------------------------------------------------------- experiment
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """Data on device, VAE, optimizer(s) and progress of one negative-sampling trial."""
 
     def __init__(self, cfg: Config):
         train = self.start(cfg)
         self.train_x = train.x  # (N, C, H, W) uint8 on device
-        shape = tuple(self.train_x.shape[1:])
-        self.aux_x = None  # fixed set of negatives (aux or synthetic noise), uint8 on device
+        c, h, w = self.train_x.shape[1:]
+        shape = (c, h, w)
+        self.aux_x: torch.Tensor | None = None  # fixed set of negatives (aux or synthetic noise), uint8 on device
         if cfg.negatives == "aux":
             self.aux_x = data.load(cfg.aux, cfg.aux_split, pad_to=32 if cfg.pad else None, device=self.device).x
         elif cfg.negatives in SYNTHETIC:
             self.aux_x = data.load(noise_spec(cfg.negatives, shape), "train", device=self.device).x
-        if self.aux_x is not None and tuple(self.aux_x.shape[1:]) != shape:
-            raise ConfigError(f"aux set {cfg.aux!r} has images of shape {tuple(self.aux_x.shape[1:])} "
-                              f"but the ID set has {shape}")
-        c, h, _ = shape
-        arch = auto_arch(cfg.arch, c)
-        try:
-            vcfg = VAEConfig(arch=arch, decoder=cfg.decoder, channels=c, size=h, latent_dim=cfg.latent_dim)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.model = build_vae(vcfg).to(self.device)
+        if self.aux_x is not None:
+            same_shape(f"aux {cfg.aux}", self.aux_x.shape[1:], shape)
+        self.model = build_vae(cfg.vae_config(shape)).to(self.device)
         if cfg.spectral_norm:
             for m in self.model.encoder.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(m)
         opt = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
+        self.opt: torch.optim.Optimizer
+        self.opt_dec: torch.optim.Optimizer | None = None
         if cfg.negatives == "adversarial":  # alternating steps: one optimizer per network
             self.opt = opt(self.model.encoder_parameters(), lr=cfg.lr)
             self.opt_dec = opt(self.model.decoder_parameters(), lr=cfg.lr)
         else:
-            self.opt, self.opt_dec = opt(self.model.parameters(), lr=cfg.lr), None
+            self.opt = opt(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # batch order and negative draws
 
     def negatives_batch(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -282,22 +284,19 @@ class Experiment(BaseExperiment):
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x = data.to_float(self.train_x[idx])
-            if cfg.negatives == "adversarial":
+            if cfg.negatives == "adversarial":  # two optimisers: the step makes its own updates
+                assert self.opt_dec is not None  # built for the adversarial scheme in __init__
                 return adversarial_step(
                     model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg
                 )
-            parts = loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
-            self.opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            self.opt.step()
-            return parts
+            return loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
 
-        return self.shuffled_epoch(step)
+        return self.shuffled_epoch(step, None if cfg.negatives == "adversarial" else self.opt)
 
     @torch.no_grad()
     def score(self) -> Scores:
         self.model.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        gen = self.score_generator()
         return score_sets(
             self.eval_sets, self.cfg.eval_batch_size, lambda x: score_batch(self.model, x, self.cfg.iwae_k, gen)
         )

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, score_sets
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, descend, labels_of, require, score_sets
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import classifier_baselines as cb
 from oodlab.models.classifier import Classifier, Discriminator, Generator
@@ -211,6 +211,7 @@ def type2(model: CVAE, g: LatentGaussians, y: torch.Tensor, radius_factor: float
 
 @dataclass(frozen=True)
 class Config(TrialConfig):
+    method: str = "oodgen"
     id: str = "fashion_mnist[labels=0-4]"  # ID classes (labels are remapped to 0..n-1)
     ood: tuple[str, ...] = FMNIST_OOD
     val_n: int = 2500  # of the 30,000 training images of classes 0-4
@@ -248,7 +249,7 @@ class Config(TrialConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check([
+        require([
             (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
             (self.cvae_epochs >= 1, f"cvae_epochs must be >= 1, got {self.cvae_epochs}"),
             (self.cvae_arch in ("authors", "text"), f"cvae_arch must be authors or text, got {self.cvae_arch!r}"),
@@ -273,6 +274,24 @@ class Config(TrialConfig):
             (0 < self.gan_lr < 1, f"gan_lr must be in (0, 1), got {self.gan_lr}"),
         ])
 
+    def cvae_config(self, shape: tuple[int, int, int], n_classes: int) -> CVAEConfig:
+        """The CVAE for ID images of this (C, H, W) and n classes; ConfigError when it does not fit them."""
+        c, h, w = shape
+        if h != w or h % 4:  # the classifiers pool twice by 2
+            raise ConfigError(f"oodgen needs square images with a side divisible by 4, got {h}×{w}")
+        try:
+            return CVAEConfig(n_classes=n_classes, channels=c, size=h, latent_dim=self.latent_dim, arch=self.cvae_arch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        train = sets[(self.id, "train")]
+        classes = labels_of(self.id, train, "the CVAE and the classifiers")
+        if len(classes) < 2:
+            raise ConfigError(f"ID set {self.id!r} has {len(classes)} class; oodgen needs at least 2")
+        self.cvae_config(train.shape, len(classes))
+
     @property
     def type1_spec(self) -> Type1Spec:
         return Type1Spec(self.beta_low, self.beta_high, self.type1_direction, self.beta_sign, self.clip)
@@ -293,7 +312,7 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 # ---------------------------------------------------------------- experiment
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """CVAE, (n+1)-class classifier and (optionally) the baselines' classifiers of one trial."""
 
     cfg: Config
@@ -306,11 +325,8 @@ class Experiment(BaseExperiment):
         self.train_x, self.train_y = train.x, torch.searchsorted(self.classes, train.y)
         self.test_y = torch.searchsorted(self.classes, self.test["id"].y)
         self.n = len(self.classes)
-        c, h, w = train.shape
-        if h != w or h % 4:
-            raise ConfigError(f"oodgen needs square images with a side divisible by 4, got {h}×{w}")
-        ccfg = CVAEConfig(n_classes=self.n, channels=c, size=h, latent_dim=cfg.latent_dim, arch=cfg.cvae_arch)
-        self.cvae = CVAE(ccfg).to(self.device)
+        c, h, _ = train.shape
+        self.cvae = CVAE(cfg.cvae_config(train.shape, self.n)).to(self.device)
         self.cvae_opt: torch.optim.Optimizer = (
             torch.optim.RMSprop(self.cvae.parameters(), lr=cfg.cvae_lr, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
             if cfg.cvae_optimizer == "rmsprop" else torch.optim.Adam(self.cvae.parameters(), lr=cfg.cvae_lr))
@@ -336,9 +352,7 @@ class Experiment(BaseExperiment):
             for idx in batches:
                 x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
                 loss = -self.cvae.elbo_terms(x, y, self.gen, sample=self.cfg.cvae_sample)["elbo"].mean()
-                self.cvae_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.cvae_opt.step()
+                descend(self.cvae_opt, loss)
                 total, n = total + loss.item(), n + 1
         self.cvae.eval()
         self.latents = fit_latent_gaussians(self.encode_means(), self.train_y, self.n, self.cfg.quantile)
@@ -384,9 +398,7 @@ class Experiment(BaseExperiment):
         return out
 
     def _update(self, key: str, loss: torch.Tensor) -> float:
-        self.opt[key].zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt[key].step()
+        descend(self.opt[key], loss)
         return loss.item()
 
     def step_n1(self, x: torch.Tensor, y: torch.Tensor, x_ood: torch.Tensor) -> float:
@@ -407,13 +419,9 @@ class Experiment(BaseExperiment):
         ones, zeros = torch.ones(b, device=self.device), torch.zeros(b, device=self.device)
         d_loss = F.binary_cross_entropy_with_logits(self.gan_d(x), ones) + \
             F.binary_cross_entropy_with_logits(self.gan_d(fake.detach()), zeros)
-        self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
+        descend(self.d_opt, d_loss)
         g_loss = F.binary_cross_entropy_with_logits(self.gan_d(fake), ones) + beta * cb.kl_to_uniform(clf(fake)).mean()
-        self.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.g_opt.step()
+        descend(self.g_opt, g_loss)
         c_loss = F.cross_entropy(clf(x), y) + beta * cb.kl_to_uniform(clf(fake.detach())).mean()
         return {"loss_conf": self._update("conf", c_loss), "loss_gan_d": d_loss.item(), "loss_gan_g": g_loss.item()}
 
@@ -462,7 +470,7 @@ class Experiment(BaseExperiment):
         """``ood_samples.png``: ID images, their Type I perturbations (and |x̃ − x|), Type II samples."""
         from torchvision.utils import make_grid
 
-        from oodlab.plots import _pyplot
+        from oodlab.plots import pyplot
 
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
         k = 16
@@ -475,7 +483,7 @@ class Experiment(BaseExperiment):
         rows = [("ID training images", x), ("Type I: x ± βv (clipped to [0,1])", x1.clamp(0, 1)),
                 ("|x̃ − x| scaled to max", diff / diff.flatten(1).amax(1).view(-1, 1, 1, 1)),
                 ("Type II: decoded z outside the 95% ellipsoid (same classes)", x2)]
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(len(rows), 1, figsize=(12, 2.2 * len(rows)))
         for ax, (title, imgs) in zip(axes, rows):
             ax.imshow(make_grid(imgs.cpu(), nrow=k, padding=2, pad_value=1.0).permute(1, 2, 0).numpy())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -33,12 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, TrialConfig, _check, evaluation_table, set_key
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, evaluation_table, require, set_key
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+from oodlab.vae_math import kl_to_normal, reparameterize
 
 PRECONDITIONERS = ("diag", "ekfac")
+log = logging.getLogger(__name__)
 SCORES = ("rose", "rose_diag", "rose_ekfac", "nll", "lr", "lratio", "ic_png", "ic_jp2", "rnd")
 
 # ---------------------------------------------------------------- per-sample gradients
@@ -56,8 +59,8 @@ def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tupl
     if model.training and model.has_bn:
         raise RuntimeError("per-sample gradients need the VAE in eval mode (BatchNorm couples a batch in train mode)")
     mu, logvar, inputs, preacts = model.encode_with_preacts(x)
-    z = mu + eps * (0.5 * logvar).exp()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    z = reparameterize(mu, logvar, eps=eps)
+    kl = kl_to_normal(mu, logvar)
     loss = (kl - model.log_px(x, model.decode(z))).sum()
     deltas = torch.autograd.grad(loss, preacts)
     out = []
@@ -73,11 +76,6 @@ def layer_terms(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[tupl
 def grads_from_terms(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """G_n = Σ_t δ_{n,t} h_{n,t}ᵀ: (B, C_out, Din), the layout of ``conv.weight.flatten(1)`` (+ bias column)."""
     return torch.einsum("blo,bli->boi", d, p)
-
-
-def per_sample_grads(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample −ELBO gradients of the encoder conv weights, each (B, C_out, C_in·k·k)."""
-    return [grads_from_terms(p, d) for p, d in layer_terms(model, x, eps)]
 
 
 # ---------------------------------------------------------------- preconditioners
@@ -102,12 +100,6 @@ def eigenbasis(a: torch.Tensor) -> torch.Tensor:
 def projected_grads(p: torch.Tensor, d: torch.Tensor, u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
     """U_Bᵀ G_n U_A = Σ_t (U_Bᵀ δ_t)(U_Aᵀ h_t)ᵀ: project the factors first (B·L·Din² instead of B·Cout·Din²)."""
     return grads_from_terms(p @ u_a, d @ u_b)
-
-
-def ekfac_dense(u_a: torch.Tensor, u_b: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The dense EKFAC Fisher (U_A ⊗ U_B) diag(Σ) (U_A ⊗ U_B)ᵀ in row-major vec(G) order (for tests)."""
-    u = torch.kron(u_b, u_a)  # vec(U_Bᵀ G U_A) = (U_B ⊗ U_A)ᵀ vec(G) for row-major vec
-    return u @ torch.diag(sigma.flatten()) @ u.T
 
 
 def quad(g: torch.Tensor, fisher: torch.Tensor, damping: float, relative: bool = False) -> torch.Tensor:
@@ -239,8 +231,7 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
             nb += 1
         sched.step()
         history.append(float(tot) / nb)
-        secs = time.perf_counter() - t0
-        print(f"[rose] VAE epoch {epoch + 1}/{epochs}: {history[-1]:.4f} nats/dim, {secs:.0f} s", flush=True)
+        log.info("VAE epoch %d/%d: %.4f nats/dim, %.0f s", epoch + 1, epochs, history[-1], time.perf_counter() - t0)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"VAE loss became {history[-1]}; try a smaller lr")
     model.eval()
@@ -262,8 +253,8 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
     when they already are), so the study's driver and the trials train the same model."""
     if cfg.resize:
         x_u8 = data.resize(x_u8, 32)
-    vcfg = RoseVAEConfig(channels=x_u8.shape[1], size=x_u8.shape[-1], width=cfg.width, latent_dim=cfg.latent_dim,
-                         arch=cfg.arch)
+    c, h, w = x_u8.shape[1:]
+    vcfg = cfg.vae_config((c, h, w))
     key = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs,
                batch_size=cfg.batch_size,
                lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
@@ -327,7 +318,7 @@ class Config(TrialConfig):
             object.__setattr__(self, "scores", tuple(s.strip() for s in self.scores.split(",") if s.strip()))
         super().__post_init__()
         bad = [s for s in self.scores if s not in SCORES]
-        _check([
+        require([
             (len(self.scores) > 0 and not bad, f"scores must be a non-empty subset of {SCORES}; got unknown {bad}"),
             (len(set(self.scores)) == len(self.scores), f"scores listed twice: {self.scores}"),
             (self.preconditioner in PRECONDITIONERS,
@@ -351,6 +342,19 @@ class Config(TrialConfig):
             except ValueError as e:
                 raise ConfigError(f"{field}: {e}") from None
 
+    def vae_config(self, shape: tuple[int, int, int]) -> RoseVAEConfig:
+        """The paper's VAE for ID images of this (C, H, W); ConfigError when it does not fit them."""
+        c, h, _ = shape
+        try:
+            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim, arch=self.arch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def check_data(self, sets: SetInfos) -> None:
+        super().check_data(sets)
+        c, h, w = sets[(self.id, "train")].shape
+        self.vae_config((c, 32, 32) if self.resize else (c, h, w))
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["scores"] = ",".join(self.scores)
@@ -370,7 +374,7 @@ class Config(TrialConfig):
         return super().metric_names() + extra
 
 
-class Experiment(BaseExperiment):
+class Experiment(BaseExperiment[Config]):
     """Train (or load) the paper's VAE once, then score every test set with the configured scores."""
 
     cfg: Config

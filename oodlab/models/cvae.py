@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodlab.models import likelihoods
-from oodlab.priors import kl_to_normal
+from oodlab.vae_math import clamp_logvar, kl_to_normal, reparameterize
 
 ARCHS = ("authors", "text")
 
@@ -103,7 +103,7 @@ class CVAE(nn.Module):
             mu, logvar = self.heads[0](h), self.heads[1](h)
         else:
             mu, logvar = self.heads[0](h).chunk(2, dim=-1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        return mu, clamp_logvar(logvar)
 
     def decode_logits(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """z (B, d), c (B, n_classes) one-hot -> logits (B, C, H, W)."""
@@ -120,10 +120,7 @@ class CVAE(nn.Module):
         ``sample=False`` reconstructs from z = μ, as the authors' notebook trains.
         """
         mu, logvar = self.encode(x, y)
-        z = mu
-        if sample:
-            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-            z = mu + eps * (0.5 * logvar).exp()
+        z = reparameterize(mu, logvar, generator) if sample else mu
         rec = likelihoods.bernoulli(x, self.decode_logits(z, self.onehot(y)))
         kl = kl_to_normal(mu, logvar)
         return {"rec": rec, "kl": kl, "elbo": rec - kl}

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from oodlab.models import likelihoods
+from oodlab.vae_math import gaussian_stats
 
 ARCHS = ("gray", "color")
 
@@ -105,8 +106,7 @@ class CatVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0,1] -> μ, log σ² each (B, latent)."""
-        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=-1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        return gaussian_stats(self.to_stats(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent) -> logits (B, 256, C, H, W)."""
@@ -117,8 +117,3 @@ class CatVAE(nn.Module):
     def log_px(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """log p(x|z) = Σ_pixels log softmax(logits)[255·x], per sample (B,)."""
         return likelihoods.categorical256(x, logits)
-
-    @torch.no_grad()
-    def mode_images(self, z: torch.Tensor) -> torch.Tensor:
-        """Most likely image under p(x|z): (B, C, H, W) in [0,1]."""
-        return self.decode(z).argmax(1).float() / 255.0

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodlab.models import likelihoods
+from oodlab.vae_math import clamp_logvar, gaussian_stats, kl_to_normal, reparameterize
 
 ARCHS = ("dcgan_bn", "plain")
 
@@ -94,10 +95,8 @@ class RoseVAE(nn.Module):
 
     def _split(self, heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(heads) == 2:
-            mu, logvar = heads[0].flatten(1), heads[1].flatten(1)
-        else:
-            mu, logvar = heads[0].flatten(1).chunk(2, dim=1)
-        return mu, logvar.clamp(-30.0, 20.0)
+            return heads[0].flatten(1), clamp_logvar(heads[1].flatten(1))
+        return gaussian_stats(heads[0].flatten(1))
 
     def encode_with_preacts(
         self, x: torch.Tensor
@@ -194,7 +193,11 @@ class RoseVAE(nn.Module):
 
 def elbo(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """One-sample ELBO per image (B,), z = μ + σ·eps with the noise given (so it is a pure function)."""
-    mu, logvar = model.encode(x)
-    z = mu + eps * (0.5 * logvar).exp()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
-    return model.log_px(x, model.decode(z)) - kl
+    return elbo_from_stats(model, x, *model.encode(x), eps)
+
+
+def elbo_from_stats(model: RoseVAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                    eps: torch.Tensor) -> torch.Tensor:
+    """``elbo`` given the posterior's μ, log σ² (from ``encode`` or from per-image encoder copies)."""
+    z = reparameterize(mu, logvar, eps=eps)
+    return model.log_px(x, model.decode(z)) - kl_to_normal(mu, logvar)

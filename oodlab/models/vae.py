@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from oodlab.models import likelihoods
+from oodlab.vae_math import gaussian_stats
 
 ARCHS = ("gray", "color")
 DECODERS = ("bernoulli", "gaussian")
@@ -124,8 +125,7 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0,1] -> μ, log σ² each (B, D)."""
-        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=-1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        return gaussian_stats(self.to_stats(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, D) -> logits (B, C, H, W)."""
@@ -137,12 +137,6 @@ class VAE(nn.Module):
             return likelihoods.bernoulli(x, logits)
         log_sigma = self.log_sigma.clamp(min=MIN_LOG_SIGMA).view(1, -1, 1, 1)
         return likelihoods.gaussian(x, torch.sigmoid(logits), log_sigma)
-
-    def sample_images(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean images of p(x|z), z ~ N(0, I): (n, C, H, W) in [0,1]."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, device=device, generator=generator)
-        return torch.sigmoid(self.decode(z))
 
 
 def build_vae(cfg: VAEConfig) -> VAE:
