@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from oodlab import data
 from oodlab.registry import run_trial
-from oodlab.study import parse_args, run
+from oodlab.runner import run_spec
+from oodlab.study import parse_args
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -68,7 +69,7 @@ def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float
         args = parse_args("negprior_shift.py", study["configure"], argv + ["--storage", d, "--name", "overhead"])
         spec = study["build"](args)
         t0 = time.perf_counter()
-        run(spec, args)
+        run_spec(spec, args)
         t_study = time.perf_counter() - t0
     t0 = time.perf_counter()
     for shift in spec.grid["shift"].grid("shift"):

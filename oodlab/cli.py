@@ -17,6 +17,7 @@ import argparse
 import os
 import runpy
 import sys
+from collections import Counter
 from pathlib import Path
 
 from oodlab import stores
@@ -69,11 +70,11 @@ def list_studies(storage: Path, optuna_url: str | None = None) -> int:
     print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'pruned':>7} {'best':>8}  {'resumable':9}")
     for s in optuna.get_all_study_summaries(url):
         trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
-        count = lambda st: sum(t.state.name == st for t in trials)
+        count = Counter(t.state.name for t in trials)
         best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
         resumable = "yes" if (storage / "ray" / s.study_name).exists() else "no"
-        print(f"{s.study_name:32} {count('COMPLETE'):8d} {count('RUNNING'):8d} {count('FAIL'):7d} {count('PRUNED'):7d} "
-              f"{best:>8}  {resumable}")
+        states = (count["COMPLETE"], count["RUNNING"], count["FAIL"], count["PRUNED"])
+        print(f"{s.study_name:32} {states[0]:8d} {states[1]:8d} {states[2]:7d} {states[3]:7d} {best:>8}  {resumable}")
     return 0
 
 
@@ -94,7 +95,8 @@ def optuna_summary(storage: Path, study: str, top: int = 5, optuna_url: str | No
     sign = -1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     lines = [f"### Best trials ({s.direction.name.lower()}, {len(done)} finished)", "",
              "| trial | value | params |", "|---|---|---|"]
-    lines += [f"| {t.number} | {t.value:.4f} | {t.params} |" for t in sorted(done, key=lambda t: sign * t.value)[:top]]
+    ranked = sorted(done, key=lambda t: sign * (t.value or 0.0))[:top]
+    lines += [f"| {t.number} | {t.value:.4f} | {t.params} |" for t in ranked]
     varying = [k for k in done[0].params if len({str(t.params.get(k)) for t in done}) > 1]
     if len(done) >= 3 and varying:
         try:
@@ -151,7 +153,8 @@ def dispatch(argv: list[str]) -> int:
         if len(argv) < 2:
             raise SystemExit(f"usage: oodlab {argv[0]} STUDY [flags]")
         return run_study(argv[1], argv[2:] + (["--resume"] if argv[0] == "resume" else []))
-    p = argparse.ArgumentParser(prog="oodlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="oodlab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("run", "resume"):
         sub.add_parser(name, help=f"{name} a study file from studies/ (flags pass through)")

@@ -156,7 +156,8 @@ def aggregate(trials: list[tuple[dict[str, str], dict[str, float]]]) -> list[Cel
                 if not name.startswith(prefix):
                     continue
                 score = name[len(prefix):]
-                row = (("inlier", id_spec), ("OOD", ood), ("noise model", dec), *((k, params.get(k, "")) for k in varied))
+                row = (("inlier", id_spec), ("OOD", ood), ("noise model", dec),
+                       *((k, params.get(k, "")) for k in varied))
                 cell = cells.setdefault((row, neg, score), Cell(row, neg, score,
                                                                 paper=PAPER_000.get((id_spec, ood, dec, neg, score))))
                 cell.values.append(float(v))
@@ -200,8 +201,8 @@ def to_markdown(cells: list[Cell], study: str = "") -> str:
                 out.append(s + (f" [{_fmt(*c.paper)}]" if c.paper else ""))
             lines.append("| " + " | ".join(out) + " |")
         lines.append("")
-    notes = sorted({f"{dict(c.row)['inlier']} → {dict(c.row)['OOD']}: {PAPER_AUX[(dict(c.row)['inlier'], dict(c.row)['OOD'])]}"
-                    for c in cells if c.negatives == "aux" and c.paper and (dict(c.row)['inlier'], dict(c.row)['OOD']) in PAPER_AUX})
+    pairs = {(dict(c.row)["inlier"], dict(c.row)["OOD"]) for c in cells if c.negatives == "aux" and c.paper}
+    notes = sorted(f"{i} → {o}: {PAPER_AUX[(i, o)]}" for i, o in pairs if (i, o) in PAPER_AUX)
     if notes:
         lines += ["Paper's auxiliary set (ours is the trials' `aux` param): " + "; ".join(notes) + ".", ""]
     return "\n".join(lines)
@@ -228,7 +229,8 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt = pyplot()
     scores = sorted({c.score for c in cells}, key=lambda s: (s not in SCORE_TITLES, s))
     negs = _negatives(cells)
-    fig, axes = plt.subplots(len(scores), 1, figsize=(max(6, 1.6 * len({c.row for c in cells}) * len(negs) / 2), 3.2 * len(scores)),
+    width_in = max(6, 1.6 * len({c.row for c in cells}) * len(negs) / 2)
+    fig, axes = plt.subplots(len(scores), 1, figsize=(width_in, 3.2 * len(scores)),
                              squeeze=False)
     width = 0.8 / max(len(negs), 1)
     for ax, score in zip(axes[:, 0], scores):
@@ -238,7 +240,8 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
         for j, n in enumerate(negs):
             xs = [i + (j - (len(negs) - 1) / 2) * width for i in range(len(rows))]
             cs = [by.get((r, n)) for r in rows]
-            ax.bar(xs, [c.mean if c else 0 for c in cs], width, yerr=[0 if (c is None or math.isnan(c.sd)) else c.sd for c in cs],
+            ax.bar(xs, [c.mean if c else 0 for c in cs], width,
+                   yerr=[0 if (c is None or math.isnan(c.sd)) else c.sd for c in cs],
                    label=n, capsize=2)
             px = [(x, c.paper[0]) for x, c in zip(xs, cs) if c and c.paper]
             if px:

@@ -1,4 +1,4 @@
-"""Runs a resolved study ``Plan`` with Ray Tune + Optuna + MLflow: prepare, tune, finish.
+"""Runs a study with Ray Tune + Optuna + MLflow: ``main`` (a study file's entry point), then prepare, tune, finish.
 
 ``prepare`` checks storage and resume state, starts Ray and the MLflow parent run;
 ``tune`` builds (or restores) the Tune experiment with the Optuna searcher and the
@@ -14,17 +14,30 @@ import argparse
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oodlab import console, ray_connect, stores, tags, tracking, tune_internals
-from oodlab.experiment import metric_name
+from oodlab import console, data, ray_connect, stores, tags, tracking, tune_internals
+from oodlab.experiment import ConfigError, metric_name
 from oodlab.registry import build_config
-from oodlab.space import Space, grid_values
-from oodlab.study import Plan, StudyError, StudyInterrupted, first_point
+from oodlab.space import Space, SpaceError, grid_values
+from oodlab.study import (
+    Plan,
+    StudyError,
+    StudyInterrupted,
+    StudySpec,
+    configure_logging,
+    describe_spaces,
+    first_point,
+    parse_args,
+    resolve,
+    validate,
+)
 
 log = logging.getLogger("oodlab")
 
@@ -385,3 +398,30 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
     log.info("results in %s", ctx.results)
     log.info("browse: %s", tracking.browse_hint(ctx.results, stores.redact(ctx.mlflow_uri), ctx.exp_id))
     return rows
+
+
+def run_spec(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Resolve, validate and run (or resume) a study; returns one row per trial."""
+    plan = resolve(spec, args)
+    validate(plan, args)
+    return run(plan, args)
+
+
+def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
+         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None,
+         space: dict[str, Any] | None = None, grid: dict[str, Any] | None = None) -> int:
+    """Entry point of a study file: parse flags, build the spec, run; clear errors, exit 2."""
+    doc = getattr(sys.modules.get("__main__"), "__doc__", None)
+    args = parse_args(study_file, configure, argv, doc=doc,
+                      epilog=describe_spaces(space, grid) if space is not None else None)
+    configure_logging(args.verbose)
+    try:
+        spec = build(args)
+        run_spec(spec, args)
+    except (StudyError, ConfigError, SpaceError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StudyInterrupted as e:
+        print(f"[oodlab] {e}", file=sys.stderr)
+        return 130
+    return 0

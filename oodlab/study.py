@@ -1,7 +1,7 @@
 """Study files' shared entry: flags, the study spec, resolving it into a plan, validation.
 
 A study file (``studies/*.py``) declares its paper's search space and grid as data
-(``oodlab.space``), builds a ``StudySpec`` from its flags and calls ``main``; ``resolve``
+(``oodlab.space``), builds a ``StudySpec`` from its flags and calls ``oodlab.runner.main``; ``resolve``
 applies the shared flags (``--sampler``, ``--space``, ``--set``, ``--target``, ``--seeds``…)
 and ``validate`` runs every check that can fail before Ray starts. ``oodlab.runner`` runs
 the resulting ``Plan``. Everything a study writes lives under ``--storage``:
@@ -399,32 +399,3 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger("oodlab.ray_connect").setLevel(logging.WARNING)  # the runner prints one "Ray:" line
         # GridSampler stops the study when the grid is done; OptunaSearch logs that as a warning
         logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
-
-
-def run(spec: StudySpec, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Resolve, validate and run (or resume) a study; returns one row per trial."""
-    from oodlab import runner
-
-    plan = resolve(spec, args)
-    validate(plan, args)
-    return runner.run(plan, args)
-
-
-def main(study_file: str, build: Callable[[argparse.Namespace], StudySpec],
-         configure: Callable[[argparse.ArgumentParser], None], argv: list[str] | None = None,
-         space: dict[str, Any] | None = None, grid: dict[str, Any] | None = None) -> int:
-    """Entry point of a study file: parse flags, build the spec, run; clear errors, exit 2."""
-    doc = getattr(sys.modules.get("__main__"), "__doc__", None)
-    args = parse_args(study_file, configure, argv, doc=doc,
-                      epilog=describe_spaces(space, grid) if space is not None else None)
-    configure_logging(args.verbose)
-    try:
-        spec = build(args)
-        run(spec, args)
-    except (StudyError, ConfigError, SpaceError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StudyInterrupted as e:
-        print(f"[oodlab] {e}", file=sys.stderr)
-        return 130
-    return 0

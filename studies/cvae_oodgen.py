@@ -24,8 +24,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from oodlab.methods.oodgen import FMNIST_OOD
+from oodlab.runner import main
 from oodlab.space import Categorical, FloatRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
 
 # Generator presets: the authors' notebook (sverneka/OODGen) and the paper's text. Each sets the
 # fixed config; POINTS holds each one's (beta_low, beta_high, radius_factor) for --paper-point.

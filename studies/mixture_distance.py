@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from oodlab.runner import main
 from oodlab.space import Categorical, FloatRange, IntRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
 
 # Log-spaced 10..300 plus the papers' values (VAE 150, Glow 100, CIFAR VAE 200).
 DISTANCES = [10, 20, 50, 100, 150, 200, 300]

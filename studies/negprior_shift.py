@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from oodlab import data
+from oodlab.runner import main
 from oodlab.space import Categorical, Dimension, FloatRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
 
 # Paper 000 §IV: shift ∈ {2,4,6,8,10} tried for gray data, {5,10,…,30} for color (chosen: 8 and 25);
 # negative weight and learning rate are searched on log scales around the paper's 1 and 1e-4.

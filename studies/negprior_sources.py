@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from oodlab import data
 from oodlab.experiment import ConfigError
 from oodlab.methods.negprior import NEGATIVES
+from oodlab.runner import main
 from oodlab.space import Categorical, FloatRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
 
 DEFAULT_NEGATIVES = "none,aux,adversarial,gaussian_noise,uniform_noise"
 SMOKE_NEGATIVES = ["none", "aux", "adversarial"]

@@ -26,8 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from oodlab.experiment import load_sets, resolve_device
+from oodlab.runner import main
 from oodlab.space import Categorical, FloatRange, IntRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name, main
+from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
 
 OOD = "mnist,notmnist,omniglot,gaussian_noise,uniform_noise,constant,overall"
 BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]

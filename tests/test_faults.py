@@ -19,7 +19,8 @@ TINY = ["--epochs", "3", "--train-n", "600", "--test-n", "100"]
 # A study file whose grid has one trial that diverges at epoch 2 (fail_at_epoch).
 NAN_STUDY = textwrap.dedent("""
     import sys
-    from oodlab.study import StudySpec, common_overrides, main, val_metric
+    from oodlab.runner import main
+    from oodlab.study import StudySpec, common_overrides, val_metric
     def configure(p): pass
     def build(args):
         fixed = dict(epochs=3, train_n=400, test_n=100, val_n=100, **common_overrides(args))
