@@ -20,9 +20,26 @@ if not (Path(os.environ["OODLAB_DATA_DIR"]) / "FashionMNIST" / "raw").is_dir():
     )
 
 
+STORE_ENV = ("MLFLOW_TRACKING_URI", "OODLAB_OPTUNA_STORAGE")  # study defaults: a test passes stores as flags
+
+
 def study_env(ray_tmp: str) -> dict:
-    """Environment for a study subprocess whose Ray session lives under ``ray_tmp``."""
-    return {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    """Environment for a study subprocess whose Ray session lives under ``ray_tmp``; no store
+    defaults leak in from the test process (``mlflow.set_tracking_uri`` exports its URI)."""
+    env = {k: v for k, v in os.environ.items() if k not in STORE_ENV}
+    return {**env, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_store_env():
+    """``mlflow.set_tracking_uri`` sets $MLFLOW_TRACKING_URI for the whole process: undo it after each test."""
+    saved = {k: os.environ.get(k) for k in STORE_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
