@@ -2,10 +2,8 @@
 
 import io
 import math
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -299,10 +297,11 @@ def test_trial_trains_once_and_scores_many(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_smoke_end_to_end(tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+def test_study_smoke_end_to_end(tmp_path, ray_tmp):
+    from conftest import study_env
+
     storage = tmp_path / "results"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    env = study_env(ray_tmp)
     out = subprocess.run(
         [
             sys.executable,
