@@ -267,7 +267,8 @@ def tune(ctx: Context) -> Any:
     callbacks = [JsonLoggerCallback(),
                  tracking.MLflowCallback(ctx.mlflow_uri, ctx.exp_id, ctx.parent, plan.name, name_keys=keys,
                                          max_epoch=max_epoch),
-                 console.ConsoleCallback(keys, plan.targets, max_epoch, plan.num_samples)]
+                 console.ConsoleCallback(keys, plan.targets, max_epoch, plan.num_samples),
+                 tune_internals.checkpoint_repair()]
     tuner = rtune.Tuner(
         trainable,
         param_space=fixed,

@@ -13,6 +13,11 @@ Why each is needed:
 * ``AsyncHyperBandScheduler._brackets`` / ``_Bracket._rungs``: Tune does not save the
   scheduler with its experiment state (``TuneController.save_to_dir``), so a resumed ASHA
   would start with empty rungs; ``PersistentASHA`` keeps them in a JSON file.
+* ``Trial.run_metadata.checkpoint_manager`` (``_latest_checkpoint_result`` /
+  ``_checkpoint_results``): Tune's saved state can name a checkpoint that
+  ``CheckpointConfig(num_to_keep)`` deleted after the save (fast epochs, a driver killed
+  before the next save); Ray's ``Trainable.restore`` then raises before the trainable runs,
+  so ``CheckpointRepair`` points such a trial at the newest checkpoint left in its folder.
 
 ``check_private_api`` asserts every attribute exists, so an upgrade that renames one fails
 a fast test (tests/test_tune_internals.py) instead of a study.
@@ -58,6 +63,11 @@ def check_private_api() -> None:
     from ray.tune.search import Searcher
 
     assert Searcher.CKPT_FILE_TMPL.format("*") == SEARCHER_STATE_GLOB, "Tune renamed its searcher-state file"
+    from ray.tune.experiment import Trial
+
+    manager = Trial("x", stub=True).run_metadata.checkpoint_manager
+    for attr in ("_latest_checkpoint_result", "_checkpoint_results"):
+        assert hasattr(manager, attr), f"ray _CheckpointManager lost {attr}"
 
 
 # ---------------------------------------------------------------- the searcher
@@ -151,6 +161,48 @@ def reconcile_optuna(storage: Any, study: str, keep: set[int] | None = None) -> 
             s._storage.set_trial_system_attr(t._trial_id, "grid_id", -1)
         s._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     return len(stale)
+
+
+# ---------------------------------------------------------------- checkpoints Tune's state lost
+
+
+def checkpoint_repair() -> Any:
+    """A Tune callback that, before a restored experiment starts its trials, points every
+    unfinished trial whose saved checkpoint is gone at the newest checkpoint in its folder
+    (or at none: the trial starts over). Without it Ray fails the trial on restore."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import _exists_at_fs_path
+
+    from oodlab.trainable import newest_checkpoints
+
+    def exists(c: Any) -> bool:
+        return bool(_exists_at_fs_path(c.filesystem, c.path))
+
+    class CheckpointRepair(tune.Callback):
+        def __init__(self) -> None:
+            self.checked: set[str] = set()
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            for trial in trials:
+                if trial.trial_id in self.checked or trial.status in ("TERMINATED", "ERROR"):
+                    continue
+                self.checked.add(trial.trial_id)
+                latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+                if latest is None or exists(latest.checkpoint):
+                    continue
+                repair(trial, latest)
+
+    def repair(trial: Any, latest: Any) -> None:
+        manager = trial.run_metadata.checkpoint_manager
+        manager._checkpoint_results = [r for r in manager._checkpoint_results if exists(r.checkpoint)]
+        left = [c for c in newest_checkpoints(latest.checkpoint) if exists(c)]
+        manager._latest_checkpoint_result = (_TrainingResult(checkpoint=left[0], metrics=latest.metrics)
+                                             if left else None)
+        log.warning("trial %s: its saved checkpoint %s is gone; resuming from %s", trial.trial_id,
+                    latest.checkpoint.path, left[0].path if left else "the start")
+
+    return CheckpointRepair()
 
 
 # ---------------------------------------------------------------- ASHA that survives a resume

@@ -231,12 +231,8 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "trial"]
     assert sorted(r.data.tags["ray_trial_id"] for r in children) == sorted(ray_ids)
     stopped = {t.user_attrs["ray_trial_id"]: t.user_attrs["stopped_at_epoch"] for t in pruned}
-    not_finished = {r.data.tags["ray_trial_id"]: (r.info.status, r.data.tags.get("oodlab.error", "")[-300:])
-                    for r in children if r.info.status != "FINISHED"}
-    if not_finished:  # open bug, seen once in two fresh-clone runs: Optuna has the trial ended, MLflow says FAILED
-        pytest.xfail(f"child runs not FINISHED after resume (known, open): {not_finished}")
-    for r in children:
-        assert r.info.status == "FINISHED"
+    for r in children:  # FINISHED, also where Tune's saved state named a checkpoint deleted since (checkpoint_repair)
+        assert r.info.status == "FINISHED", r.data.tags.get("oodlab.error", "")[-300:]
         assert any(k.startswith("val_auroc_") for k in r.data.metrics) and "auroc_mnist_bpd" in r.data.metrics
         tid = r.data.tags["ray_trial_id"]
         last = stopped.get(tid, 3)

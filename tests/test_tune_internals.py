@@ -66,3 +66,39 @@ def test_searcher_never_tells_optuna_twice(tmp_path):
     resumed.on_trial_complete("t1", {"m": 0.7})
     trials = optuna.load_study(study_name="s", storage=url).trials
     assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]
+
+
+def _trial_with_checkpoints(folder, names, latest):
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    trial = Trial("train", stub=True)
+    for n in names:
+        (folder / n).mkdir(parents=True)
+        result = _TrainingResult(checkpoint=tune.Checkpoint(str(folder / n)), metrics={"epoch": int(n[-1]) + 1})
+        trial.run_metadata.checkpoint_manager.register_checkpoint(result)
+    trial.run_metadata.checkpoint_manager._latest_checkpoint_result = _TrainingResult(
+        checkpoint=tune.Checkpoint(str(folder / latest)), metrics={})
+    return trial
+
+
+def test_a_restored_trial_whose_checkpoint_is_gone_resumes_from_the_newest_left(tmp_path):
+    """Tune's saved state names checkpoint_000000, which num_to_keep deleted after the save."""
+    trial = _trial_with_checkpoints(tmp_path, ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"],
+                                    latest="checkpoint_000000")
+    (tmp_path / "checkpoint_000000").rmdir()
+    tune_internals.checkpoint_repair().on_step_begin(0, [trial])
+    assert trial.checkpoint.path.endswith("checkpoint_000002")
+    kept = [r.checkpoint.path for r in trial.run_metadata.checkpoint_manager._checkpoint_results]
+    assert not any(p.endswith("checkpoint_000000") for p in kept)
+
+
+def test_a_restored_trial_with_no_checkpoint_left_starts_over_and_an_intact_one_is_left_alone(tmp_path):
+    gone = _trial_with_checkpoints(tmp_path / "a", ["checkpoint_000000"], latest="checkpoint_000000")
+    (tmp_path / "a" / "checkpoint_000000").rmdir()
+    intact = _trial_with_checkpoints(tmp_path / "b", ["checkpoint_000000", "checkpoint_000001"],
+                                     latest="checkpoint_000000")
+    tune_internals.checkpoint_repair().on_step_begin(0, [gone, intact])
+    assert gone.checkpoint is None
+    assert intact.checkpoint.path.endswith("checkpoint_000000")  # exists: Tune's choice stands
