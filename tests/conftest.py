@@ -4,7 +4,10 @@ tests that run real studies as subprocesses."""
 import os
 import signal
 import sqlite3
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,26 @@ def kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def start_study(args: Sequence[object], ray_tmp: str) -> subprocess.Popen:
+    """A study subprocess in its own session (so its process group can be killed), output piped."""
+    return subprocess.Popen(list(map(str, args)), env=study_env(ray_tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def sigkill_when(proc: subprocess.Popen, ray_tmp: str, ready: Callable[[], bool], what: str,
+                 timeout: float = 300) -> None:
+    """Poll ``ready()`` while the study runs, then SIGKILL the driver (a crash mid-study) and
+    whatever it left behind. Fails with the study's output if it ended first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else "study ended"
+        assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kill_leftovers(ray_tmp, proc.pid)
 
 
 def optuna_states(db: Path) -> list[str]:

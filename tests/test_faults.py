@@ -40,11 +40,26 @@ def _epochs(trial_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_diverging_trial_fails_with_reason_and_study_goes_on(tmp_path, ray_tmp):
+def test_diverging_trial_fails_with_reason_and_study_goes_on_then_bad_state_is_refused(tmp_path, ray_tmp):
+    """One study (a trial that diverges at epoch 2, one that finishes), then the resume checks on
+    its state: a corrupt checkpoint and a foreign folder are refused, exit 2, before Ray starts."""
     script = tmp_path / "nan_study.py"
     script.write_text(NAN_STUDY)
     out = _run([script, "--storage", tmp_path / "r"], ray_tmp)
     assert out.returncode == 0, out.stderr[-3000:]
+    _diverged_trial_failed_and_the_other_finished(tmp_path)
+
+    states = sorted((tmp_path / "r" / "ray" / "nan").glob("trial_*/checkpoint_*/state.pt"))
+    for state in states:  # no readable checkpoint left in any trial
+        state.write_bytes(b"not a checkpoint")
+    out = _run([script, "--storage", tmp_path / "r", "--resume"], ray_tmp)
+    assert out.returncode == 2 and "cannot be loaded" in out.stderr and any(str(s) in out.stderr for s in states)
+    (tmp_path / "r" / "ray" / "foreign").mkdir()
+    out = _run([script, "--storage", tmp_path / "r", "--name", "foreign", "--resume"], ray_tmp)
+    assert out.returncode == 2 and "no Ray Tune experiment state" in out.stderr
+
+
+def _diverged_trial_failed_and_the_other_finished(tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -128,20 +143,6 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
         assert optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") == 2
     finally:
         cluster.shutdown()
-
-
-@pytest.mark.slow
-def test_corrupt_or_foreign_state_refused_on_resume(tmp_path, ray_tmp):
-    base = [STUDY, "--storage", tmp_path / "r", "--name", "c", "--shifts", "2", "--epochs", "1",
-            "--train-n", "300", "--test-n", "100"]
-    assert _run(base, ray_tmp).returncode == 0
-    state = next((tmp_path / "r" / "ray" / "c").glob("trial_*/checkpoint_*/state.pt"))
-    state.write_bytes(b"not a checkpoint")
-    out = _run(base + ["--resume"], ray_tmp)
-    assert out.returncode == 2 and "cannot be loaded" in out.stderr and str(state) in out.stderr
-    (tmp_path / "r" / "ray" / "foreign").mkdir()
-    out = _run(base[:4] + ["foreign", "--resume"], ray_tmp)
-    assert out.returncode == 2 and "no Ray Tune experiment state" in out.stderr
 
 
 @pytest.mark.parametrize("flags,match", [

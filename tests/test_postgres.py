@@ -6,18 +6,17 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import kill_leftovers, study_env
+from conftest import sigkill_when, start_study, study_env
 from pg_server import pg_bin, postgres
 from ray_head import free_port
 
-from oodlab import stores
+from oodlab import data, stores
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
@@ -67,25 +66,34 @@ def _runs(uri, study):
 
 @pytest.mark.slow
 def test_study_on_postgres_survives_sigkill_then_exports(tmp_path, ray_tmp, pg):
+    """A grid study on PostgreSQL, checkpoints on a separate (shared) path as on a cluster and a
+    user's npz OOD set; the driver is SIGKILLed once a trial is COMPLETE, then resumed."""
     ot, ml = pg.createdb("optuna_e2e"), pg.createdb("mlflow_e2e")
-    storage = tmp_path / "r"
-    args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "pg", "--shifts", "2,4,6", *TINY,
-            "--max-concurrent", "1", "--optuna-storage", ot, "--mlflow-uri", ml]
-    proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while pg_states(ot).count("COMPLETE") < 1:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no trial finished in time"
-        time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kill_leftovers(ray_tmp, proc.pid)
+    storage, nfs, npz = tmp_path / "r", tmp_path / "nfs", tmp_path / "digits.npz"
+    np.savez(npz, x=data.load("mnist", "test").x[-300:, 0].numpy())  # a user set, N×H×W uint8
+    args = [sys.executable, STUDY, "--storage", storage, "--name", "pg", "--shifts", "2,4,6", *TINY,
+            "--max-concurrent", "1", "--optuna-storage", ot, "--mlflow-uri", ml, "--checkpoint-storage", nfs,
+            "--ood", f"mnist,npz:{npz}"]
+    sigkill_when(start_study(args, ray_tmp), ray_tmp, lambda: pg_states(ot).count("COMPLETE") >= 1, "a trial COMPLETE")
     assert pg_states(ot).count("COMPLETE") < 3, "the kill came too late to test resume"
+    finished = {p.parent.name for p in (nfs / "pg").glob("trial_*/result.json") if len(p.read_text().splitlines()) == 2}
 
-    out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(list(map(str, args + ["--resume"])), env=study_env(ray_tmp), capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "best val_auroc_" in out.stdout  # the default target is a validation metric
     assert not (storage / "optuna.db").exists() and not (storage / "mlflow.db").exists()  # the server holds them
+
+    # Ray: every trial reached its last epoch, none trained an epoch twice, and those that had
+    # finished before the kill trained nothing more (a replayed final report is not training).
+    trial_dirs = sorted((nfs / "pg").glob("trial_*"))
+    assert len(trial_dirs) == 3
+    for d in trial_dirs:
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        trained = [r["epoch"] for r in rows if not r.get("replayed")]
+        assert rows[-1]["epoch"] == 2 and len(trained) == len(set(trained)), trained
+        if d.name in finished:
+            assert trained == [1, 2], f"{d.name} finished before the kill but trained again: {trained}"
 
     trials = _trials(ot, "pg")  # one COMPLETE trial per grid point, none left RUNNING
     assert sorted(t.params["shift"] for t in trials if t.state.name == "COMPLETE") == [2.0, 4.0, 6.0]
@@ -93,8 +101,12 @@ def test_study_on_postgres_survives_sigkill_then_exports(tmp_path, ray_tmp, pg):
     client, parents, children = _runs(ml, "pg")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     for r in children:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+        assert 0.0 <= r.data.metrics["auroc_digits_bpd"] <= 1.0  # the npz OOD set is scored on its own
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"roc.png", "scores_hist.png", "scores.npz", "metrics.json"} <= files
 
     # export, move the folder (another machine), read it back and open it with `oodlab ui`
     exported = tmp_path / "export"

@@ -1,93 +1,23 @@
 """Real studies through Ray Tune + Optuna + MLflow, run as users run them: as subprocesses.
 
 The resume test SIGKILLs the driver mid-study and checks the outcome in all three
-systems (Tune's trial folders, Optuna's storage, MLflow's runs), not ``can_restore``.
+systems (Tune's trial folders, Optuna's storage, MLflow's runs), not ``can_restore``;
+tests/test_postgres.py does the same for a grid study on PostgreSQL with checkpoints on
+a separate path and a user's npz OOD set.
 """
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import kill_leftovers, optuna_states, study_env
-
-from oodlab import data
+from conftest import optuna_states, sigkill_when, start_study, study_env
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
-SHIFTS = [2.0, 4.0, 6.0, 8.0]
-
-
-@pytest.mark.slow
-def test_sigkill_mid_study_then_resume(tmp_path, ray_tmp):
-    npz = tmp_path / "digits.npz"
-    mnist = data.load("mnist", "test")
-    np.savez(npz, x=mnist.x[-300:, 0].numpy())  # a user set, N×H×W uint8
-    storage = tmp_path / "results"
-    nfs = tmp_path / "nfs"  # checkpoints on a separate (shared) path, as on a cluster
-    args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "e2e", "--shifts", "2,4,6,8",
-            "--checkpoint-storage", str(nfs),
-            "--epochs", "3", "--train-n", "1500", "--test-n", "200", "--ood", f"mnist,npz:{npz}"]
-    proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while optuna_states(storage / "optuna.db").count("COMPLETE") < 1:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no trial finished in time"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # the driver only, mid-study
-    proc.wait()
-    kill_leftovers(ray_tmp, proc.pid)
-    done_at_kill = optuna_states(storage / "optuna.db").count("COMPLETE")
-    assert done_at_kill < len(SHIFTS), "the kill came too late to test resume"
-    finished_dirs = {p.parent.name for p in (nfs / "e2e").glob("trial_*/result.json")
-                     if len(p.read_text().splitlines()) == 3}
-
-    out = subprocess.run(args + ["--resume"], env=study_env(ray_tmp), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "best val_auroc_" in out.stdout  # the default target is a validation metric
-
-    # Ray: every trial reached epoch 3, no epoch was trained twice, and trials that had
-    # finished before the kill trained nothing more (a replayed final report is not training).
-    trial_dirs = sorted((nfs / "e2e").glob("trial_*"))
-    assert len(trial_dirs) == len(SHIFTS)
-    for d in trial_dirs:
-        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
-        trained = [r["epoch"] for r in rows if not r.get("replayed")]
-        assert rows[-1]["epoch"] == 3 and len(trained) == len(set(trained)), trained
-        if d.name in finished_dirs:
-            assert trained == [1, 2, 3], f"{d.name} finished before the kill but trained again: {trained}"
-
-    # Optuna: exactly one COMPLETE trial per grid point, none left RUNNING.
-    import optuna
-
-    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{storage / 'optuna.db'}")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(t.params["shift"] for t in complete) == SHIFTS
-    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-
-    # MLflow: one parent, one FINISHED child per trial, each epoch logged once, artifacts present.
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("oodlab.role") == "parent"]
-    children = [r for r in runs if r.data.tags.get("oodlab.role") == "trial"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == len(SHIFTS)
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    for r in children:
-        assert r.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3]
-        assert 0.0 <= r.data.metrics["auroc_digits_bpd"] <= 1.0  # the npz OOD set is scored on its own
-        files = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"roc.png", "scores_hist.png", "scores.npz", "metrics.json"} <= files
 
 
 @pytest.mark.slow
@@ -183,17 +113,8 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "tpe", "--sampler", "tpe",
             "--scheduler", "asha", "--num-samples", str(n), "--space", "shift=2..10", "--set", "neg_weight=1",
             "--set", "lr=0.0003", "--set", "val_n=300", "--epochs", "3", "--train-n", "1200", "--test-n", "200"]
-    proc = subprocess.Popen(args, env=study_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 300
     ended = lambda: sum(s in ("COMPLETE", "PRUNED") for s in optuna_states(storage / "optuna.db"))
-    while ended() < 2:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no two trials ended in time"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kill_leftovers(ray_tmp, proc.pid)
+    sigkill_when(start_study(args, ray_tmp), ray_tmp, lambda: ended() >= 2, "two trials ended")
     before = {t.user_attrs.get("ray_trial_id") for t in _optuna_trials(storage / "optuna.db", "tpe")
               if t.state.name in ("COMPLETE", "PRUNED")}
     assert 2 <= len(before) < n, "the kill came too late to test resume"
