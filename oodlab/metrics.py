@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+# scikit-learn is imported where it is used: it costs ~1 s, and a study refusing bad input
+# before any compute should not pay for it.
 
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr80", "detection_error")
 
@@ -39,12 +41,16 @@ def fpr_at_tpr(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
 
 def roc(score_in: np.ndarray, score_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the ROC curve, OOD positive."""
+    from sklearn.metrics import roc_curve
+
     scores, labels = _labelled(score_in, score_out)
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return fpr, tpr
 
 
 def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
     scores, labels = _labelled(score_in, score_out)
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     # ID positive, low score = ID: x-axis = OOD accepted as ID, y-axis = ID accepted.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oodlab import console, data, ray_connect, stores, tags, tracking, tune_internals
+from oodlab import data, ray_connect, stores, tags, tune_internals
 from oodlab.experiment import ConfigError, metric_name
 from oodlab.registry import build_config
 from oodlab.space import Space, SpaceError, grid_values
@@ -40,6 +40,8 @@ from oodlab.study import (
 )
 
 log = logging.getLogger("oodlab")
+# console and tracking (Ray Tune, MLflow: ~1.5 s of imports) are imported inside the steps
+# that use them, so bad input is refused within a couple of seconds.
 
 # Save Tune's experiment state every 2 s (Tune's default is ~10 s; 0 = every loop step costs
 # ~25% of a training epoch on 2 cores). A SIGKILL inside that window is handled by design:
@@ -129,6 +131,7 @@ def _check_resumable(exp_dir: str) -> None:
 
 def prepare(plan: Plan, args: argparse.Namespace) -> Context:
     """Storage and resume checks, Ray, the MLflow parent run; nothing is written on refusal."""
+    from oodlab import tracking
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_S)
     # Only Tune's JSON logger (result.json; no CSV / TensorBoard files per result: less driver work).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -224,6 +227,7 @@ def tune(ctx: Context) -> Any:
     import optuna
     from ray import tune as rtune
 
+    from oodlab import console, tracking
     from oodlab.space import DefineByRun
     from oodlab.trainable import train
 
@@ -273,6 +277,7 @@ def tune(ctx: Context) -> Any:
         trainable,
         param_space=fixed,
         tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                                     reuse_actors=True,  # no new process, imports and CUDA context per trial
                                      max_concurrent_trials=args.max_concurrent or None,
                                      trial_dirname_creator=_trial_dirname),
         run_config=rtune.RunConfig(
@@ -342,6 +347,8 @@ def best_row(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any] | None:
 def pareto_text(ctx: Context) -> str:
     import optuna
 
+    from oodlab import console
+
     study = optuna.load_study(study_name=ctx.plan.name, storage=ctx.ot_storage)
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     rows = [{"optuna trial": t.number, **t.params, **dict(zip(ctx.plan.targets, t.values))} for t in front]
@@ -353,7 +360,7 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
     """Summary table, best trial or Pareto front, search plots; close the parent run."""
     import optuna
 
-    from oodlab import study_plots
+    from oodlab import console, study_plots, tracking
 
     plan = ctx.plan
     rows = summarize(grid, plan)
