@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 export OODLAB_DATA_DIR ?= $(abspath ../shared/data)
 export RAY_AUTH_MODE ?= disabled
 STORAGE ?= oodlab-results
+# Test processes (pytest-xdist): most of a study test is process start-up and waiting, so two
+# share two cores well; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint bench clean
 setup: $(VENV)/.installed
@@ -20,7 +23,7 @@ demo: setup  ## smoke study of studies/negprior_shift.py (re-running it resumes,
 	  $$( [ -d $(STORAGE)/ray/negprior_shift-smoke ] && echo --resume )
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: setup  ## ruff (style, imports, bugbear) and mypy, both configured in pyproject.toml
 	$(VENV)/bin/ruff check .

@@ -44,7 +44,7 @@ def roc(score_in: np.ndarray, score_out: np.ndarray) -> tuple[np.ndarray, np.nda
     from sklearn.metrics import roc_curve
 
     scores, labels = _labelled(score_in, score_out)
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=True)  # collinear points dropped: same curve
     return fpr, tpr
 
 

@@ -49,8 +49,9 @@ def histogram_figure(scores: dict[str, dict[str, np.ndarray]], path: Path) -> No
         values = np.concatenate([d[score] for d in scores.values()])
         lo, hi = np.percentile(values, [0.5, 99.5])
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
-        for name, d in scores.items():
-            ax.hist(np.clip(d[score], lo, hi), bins=bins, alpha=0.5, density=True, label=name)
+        for name, d in scores.items():  # one filled step patch per set: far cheaper to draw than 60 bars
+            density, _ = np.histogram(np.clip(d[score], lo, hi), bins=bins, density=True)
+            ax.stairs(density, bins, fill=True, alpha=0.5, label=name)
         ax.set(title=f"{score} (higher = more OOD)", xlabel=score)
         ax.legend()
     fig.tight_layout()

@@ -123,3 +123,9 @@ def assert_resumes_exactly(make, tmp_path: Path, params=lambda e: e.model.parame
     for p, q in zip(params(a), params(c)):
         torch.testing.assert_close(p, q)
     return b, c
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow (whole-study) tests first: with `pytest -n 2` (make test) the two workers then end
+    together on short tests instead of one waiting on a late study."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
