@@ -23,7 +23,7 @@ demo: setup  ## smoke study of studies/negprior_shift.py (re-running it resumes,
 	  $$( [ -d $(STORAGE)/ray/negprior_shift-smoke ] && echo --resume )
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 lint: setup  ## ruff (style, imports, bugbear) and mypy, both configured in pyproject.toml
 	$(VENV)/bin/ruff check .

@@ -399,3 +399,5 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger("oodlab.ray_connect").setLevel(logging.WARNING)  # the runner prints one "Ray:" line
         # GridSampler stops the study when the grid is done; OptunaSearch logs that as a warning
         logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
+        # "Processing trial results took 0.9 s": the final report's artifact upload, not a problem
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)

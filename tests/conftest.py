@@ -126,6 +126,6 @@ def assert_resumes_exactly(make, tmp_path: Path, params=lambda e: e.model.parame
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow (whole-study) tests first: with `pytest -n 2` (make test) the two workers then end
-    together on short tests instead of one waiting on a late study."""
+    """Slow (whole-study) tests first: under `make test` (two xdist workers, handed one test at a
+    time) both start on studies and end together on short tests, not one waiting on a late study."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
