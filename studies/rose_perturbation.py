@@ -4,7 +4,7 @@ The paper's VAE is trained ONCE, in the driver, and cached under ``<storage>/vae
 (keyed by its training config); every trial loads it and only scores. Families:
 
 * ``rose``   — preconditioner ∈ {diag, ekfac} × Fisher sample count (paper Fig. 5, Table 6)
-* ``lratio`` — Likelihood Ratio, background perturbation random:μ, μ ∈ {0.1, 0.2, 0.3, 0.4},
+* ``lratio`` — Likelihood Ratio, background perturbation random:μ, μ (``lratio_mu``) ∈ {0.1, 0.2, 0.3, 0.4},
                × L2 strength λ ∈ {0, 10} (each trial trains its background VAE, also cached)
 * ``rnd``    — RND perturbation ∈ {svd:22, svd:28, dct:22, dct:28, gb, random:0.2, random:0.3}
 
@@ -35,16 +35,14 @@ BRIGHTNESS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8]
 # score, paper grid (Fig. 5 / Table 6; Table 2's LRatio μ and λ; RND perturbations)
 FAMILIES: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "rose": ("rose", {"preconditioner": ["diag", "ekfac"], "fisher_n": [100, 1000, 10000]}),
-    "lratio": ("lratio", {"lratio_perturbation": [f"random:{m}" for m in (0.1, 0.2, 0.3, 0.4)],
-                          "lratio_l2": [0.0, 10.0]}),
+    "lratio": ("lratio", {"lratio_mu": [0.1, 0.2, 0.3, 0.4], "lratio_l2": [0.0, 10.0]}),
     "rnd": ("rnd", {"rnd_perturbation": ["svd:22", "svd:28", "dct:22", "dct:28", "gb", "random:0.2", "random:0.3"]}),
 }
-# Continuous spaces: Fisher sample count on a log scale over the paper's 100..10000; LRatio λ over
-# [0, 10] (μ is part of a perturbation spec string, so it stays a list); RND K over 16..28.
+# Continuous spaces: Fisher sample count on a log scale over the paper's 100..10000; LRatio's
+# background μ over the paper's 0.1..0.4 and λ over [0, 10]; RND K over 16..28.
 SPACES: dict[str, dict[str, Any]] = {
     "rose": {"preconditioner": Categorical(("diag", "ekfac")), "fisher_n": IntRange(100, 10000, log=True)},
-    "lratio": {"lratio_perturbation": Categorical(tuple(FAMILIES["lratio"][1]["lratio_perturbation"])),
-               "lratio_l2": FloatRange(0.0, 10.0)},
+    "lratio": {"lratio_mu": FloatRange(0.1, 0.4), "lratio_l2": FloatRange(0.0, 10.0)},
     "rnd": {"rnd_perturbation": Categorical(
         (*(f"{kind}:{k}" for kind in ("svd", "dct") for k in (16, 20, 22, 24, 28)), "gb", "random:0.2", "random:0.3"))},
 }
@@ -85,7 +83,7 @@ def build(args: argparse.Namespace) -> StudySpec:
         space.pop("fisher_n", None)
     if args.smoke:  # two trials
         grid = ({k: v[:2] for k, v in grid.items()} if args.family != "lratio"
-                else {"lratio_perturbation": ["random:0.3"], "lratio_l2": [0.0, 10.0]})
+                else {"lratio_mu": [0.3], "lratio_l2": [0.0, 10.0]})
     fixed = dict(method="rose", id=args.id, ood=",".join([ood, *bright]), scores=score, iwae_k=args.iwae_k,
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
                  vae_cache=str(Path(args.storage).resolve() / "vae_cache"), arch=args.arch, pad=args.pad,

@@ -2,6 +2,7 @@
 
 import io
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,7 @@ def test_brightness_and_overall_sets():
 @pytest.mark.parametrize("bad,match", [
     (dict(scores="rose,bogus"), "scores"), (dict(preconditioner="kfac"), "preconditioner"),
     (dict(rnd_perturbation="svd"), "rnd_perturbation"), (dict(lratio_perturbation="random:0"), "lratio_perturbation"),
+    (dict(lratio_mu=0.0), "lratio_mu"), (dict(lratio_perturbation="svd:28", lratio_mu=0.2), "lratio_mu"),
     (dict(fisher_n=1), "fisher_n"), (dict(ood="mnist[brightness=-1]"), "brightness"),
     (dict(pad=True), "exclusive"), (dict(arch="resnet"), "arch"), (dict(rose_z="median"), "rose_z"),
 ])
@@ -425,3 +427,12 @@ def test_rows_per_pass_fits_the_device():
     gray, color = RoseVAE(RoseVAEConfig()), RoseVAE(RoseVAEConfig(channels=3))
     assert gray.rows_per_pass("cpu") == 8 and color.rows_per_pass("cpu") == 2  # 8 MiB of 256-way logits
     assert gray.rows_per_pass("cuda") == 256  # a GPU wants wide passes (no GPU needed to ask)
+
+
+def test_lratio_mu_replaces_the_backgrounds_mu_and_is_a_continuous_study_dimension():
+    assert build_config({"method": "rose"}).lratio_background == "random:0.3"  # the paper's FMNIST μ
+    assert build_config({"method": "rose", "lratio_mu": 0.237}).lratio_background == "random:0.237"
+    from oodlab.space import FloatRange
+
+    study = runpy.run_path(str(Path(__file__).resolve().parents[1] / "studies" / "rose_perturbation.py"))
+    assert study["SPACES"]["lratio"]["lratio_mu"] == FloatRange(0.1, 0.4)

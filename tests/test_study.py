@@ -67,7 +67,7 @@ def test_search_flags_make_the_plan():
     assert plan.space == {"shift": FloatRange(2.0, 10.0), "neg_weight": FloatRange(0.1, 10.0, log=True),
                           "seed": Categorical((0, 1))}
     assert plan.fixed["lr"] == 3e-4 and "lr" not in plan.space and plan.num_samples == 2 * 2  # the smoke grid's size
-    assert plan.targets == ("val_auroc_blobs_bpd",) and plan.modes == ("max",) and plan.grace_period == 1
+    assert plan.targets == ("val_auroc_constant_bpd",) and plan.modes == ("max",) and plan.grace_period == 1
     grid = resolve(study["build"](args), parse_args(str(STUDY), study["configure"], ["--smoke", "--seeds", "2"]))
     assert grid.space == {"shift": Categorical((2.0, 8.0)), "seed": Categorical((0, 1))} and grid.num_samples == 4
     other = parse_args(str(STUDY), study["configure"], ["--val-ood", "notmnist,constant"])

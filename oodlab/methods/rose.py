@@ -309,6 +309,7 @@ class Config(TrialConfig):
     lr_lr: float = 1e-4  # Likelihood Regret: Adam learning rate
     lr_n: int | None = None  # Likelihood Regret: score only the first lr_n images per set (None = all)
     lratio_perturbation: str = "random:0.3"  # LRatio background inputs (paper Table 2 FMNIST: random, μ=0.3)
+    lratio_mu: float | None = None  # replaces the μ of a random:μ background: a number a search can range over
     lratio_l2: float = 0.0  # LRatio background λ of λ‖θ‖² added to the nats/dim loss, unscaled (paper: 0 or 10)
     rnd_perturbation: str = "svd:28"  # RND: "svd:K" | "dct:K" | "gb" | "random:μ"
     rnd_epochs: int = 5  # RND predictor training epochs
@@ -334,6 +335,9 @@ class Config(TrialConfig):
             (self.lr_steps >= 1 and self.lr_lr > 0, "lr_steps must be >= 1 and lr_lr > 0"),
             (self.lr_n is None or self.lr_n >= 1, f"lr_n must be >= 1, got {self.lr_n}"),
             (self.lratio_l2 >= 0, f"lratio_l2 must be >= 0, got {self.lratio_l2}"),
+            (self.lratio_mu is None or (0 < self.lratio_mu <= 1 and self.lratio_perturbation.startswith("random:")),
+             f"lratio_mu needs a random:μ lratio_perturbation and μ in (0, 1], got {self.lratio_mu} with "
+             f"{self.lratio_perturbation!r}"),
             (self.rnd_epochs >= 1, f"rnd_epochs must be >= 1, got {self.rnd_epochs}"),
         ])
         for field in ("lratio_perturbation", "rnd_perturbation"):
@@ -341,6 +345,11 @@ class Config(TrialConfig):
                 lb.parse_perturbation(getattr(self, field))
             except ValueError as e:
                 raise ConfigError(f"{field}: {e}") from None
+
+    @property
+    def lratio_background(self) -> str:
+        """The LRatio background perturbation: ``lratio_perturbation`` with ``lratio_mu`` as its μ when set."""
+        return self.lratio_perturbation if self.lratio_mu is None else f"random:{self.lratio_mu:.6g}"
 
     def vae_config(self, shape: tuple[int, int, int]) -> RoseVAEConfig:
         """The paper's VAE for ID images of this (C, H, W); ConfigError when it does not fit them."""
@@ -432,7 +441,7 @@ class Experiment(BaseExperiment[Config]):
         need_nll = {"nll", "lratio", "ic_png", "ic_jp2"} & set(cfg.scores)
         bg = None
         if "lratio" in cfg.scores:
-            bg, _ = ensure_vae(cfg, self.train_x, self.device, perturb=cfg.lratio_perturbation, l2=cfg.lratio_l2)
+            bg, _ = ensure_vae(cfg, self.train_x, self.device, perturb=cfg.lratio_background, l2=cfg.lratio_l2)
         rnd = None
         if "rnd" in cfg.scores:
             rnd = lb.train_rnd(self.train_x, cfg.rnd_perturbation, cfg.rnd_epochs, cfg.batch_size, cfg.seed)
