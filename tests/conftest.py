@@ -66,6 +66,14 @@ def kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
                     pass
 
 
+def run_study(script: Path, *args: object, ray_tmp: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run a study file to the end as a user would (``python studies/X.py ARGS``); output captured."""
+    import sys
+
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=study_env(ray_tmp),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 def start_study(args: Sequence[object], ray_tmp: str) -> subprocess.Popen:
     """A study subprocess in its own session (so its process group can be killed), output piped."""
     return subprocess.Popen(list(map(str, args)), env=study_env(ray_tmp), stdout=subprocess.PIPE,

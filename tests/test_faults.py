@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_leftovers, optuna_states, study_env
+from conftest import kill_leftovers, optuna_states, run_study, study_env
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
@@ -31,8 +31,7 @@ NAN_STUDY = textwrap.dedent("""
 
 
 def _run(args, ray_tmp, timeout=300):
-    return subprocess.run([sys.executable, *map(str, args)], env=study_env(ray_tmp), capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+    return run_study(args[0], *args[1:], ray_tmp=ray_tmp, timeout=timeout)
 
 
 def _epochs(trial_dir: Path) -> list[int]:

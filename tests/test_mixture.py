@@ -1,8 +1,6 @@
 """Mixture priors (papers 001/003): exact densities, assignment, the categorical VAE, the study end to end."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,29 +224,11 @@ def test_config_errors(bad, match):
 
 @pytest.mark.slow
 def test_study_smoke_end_to_end(tmp_path, ray_tmp):
-    from conftest import study_env
+    from conftest import run_study
 
     storage = tmp_path / "results"
-    env = study_env(ray_tmp)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "studies" / "mixture_distance.py"),
-            "--smoke",
-            "--storage",
-            str(storage),
-            "--train-n",
-            "200",
-            "--test-n",
-            "60",
-            "--is-samples",
-            "2",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_study(REPO / "studies" / "mixture_distance.py", "--smoke", "--storage", storage, "--train-n", 200,
+                    "--test-n", 60, "--is-samples", 2, ray_tmp=ray_tmp, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "best val_auroc_" in out.stdout  # the default target is a validation metric
     from mlflow.tracking import MlflowClient

@@ -3,8 +3,6 @@
 import io
 import math
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,33 +298,11 @@ def test_trial_trains_once_and_scores_many(tmp_path):
 
 @pytest.mark.slow
 def test_study_smoke_end_to_end(tmp_path, ray_tmp):
-    from conftest import study_env
+    from conftest import run_study
 
     storage = tmp_path / "results"
-    env = study_env(ray_tmp)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "studies" / "rose_perturbation.py"),
-            "--smoke",
-            "--storage",
-            str(storage),
-            "--name",
-            "e2e",
-            "--train-n",
-            "200",
-            "--test-n",
-            "60",
-            "--fisher-n",
-            "50",
-            "--iwae-k",
-            "2",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    out = run_study(REPO / "studies" / "rose_perturbation.py", "--smoke", "--storage", storage, "--name", "e2e",
+                    "--train-n", 200, "--test-n", 60, "--fisher-n", 50, "--iwae-k", 2, ray_tmp=ray_tmp)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert len(list((storage / "vae_cache").glob("vae-*.pt"))) == 1  # trained once, in the driver
     from mlflow.tracking import MlflowClient
