@@ -1,17 +1,17 @@
 """How much do Ray Tune + Optuna + MLflow cost on top of bare training, and how much
 faster is batching by tensor slicing than a DataLoader?
 
-    python benchmarks/overhead.py              # ~8 min on 2 CPU cores: 2 trials of 5 epochs (~2 min each)
+    python benchmarks/overhead.py              # ~13 min on 2 CPU cores: 2 trials of 5 epochs, 3 times
     python benchmarks/overhead.py --epochs 3   # shorter trials: the fixed cost weighs more
     python benchmarks/overhead.py --quick      # ~1 min: short trials (overhead ratio not meaningful)
 
-Prints ``study_overhead_ratio=X`` (study wall time ÷ the same trials as bare loops,
-one after another, in this process) and ``slicing_vs_dataloader_ratio=Y`` (one epoch of
-batches by slicing a uint8 tensor ÷ the same epoch from a shuffling DataLoader). The study's
-cost splits into a fixed part per study (Ray start and stop, store set-up, the first worker,
-plots; ``fixed_overhead_s``) and a part per epoch (``trial_time_ratio``: the trials' own time
-inside Tune, from Tune's ``time_total_s``, ÷ the bare loops), so the ratio falls as trials
-get longer.
+Prints ``study_overhead_ratio=X``: study wall time ÷ the same trials as bare loops in this
+process (the mean of a run before and one after the study), and
+``slicing_vs_dataloader_ratio=Y``: one epoch of batches by slicing a uint8 tensor ÷ the same
+epoch from a shuffling DataLoader. The study's cost splits into a fixed part per study
+(``fixed_overhead_s``: Ray start and stop, store set-up, the first worker, plots) and a part
+per epoch (``trial_time_ratio``: the trials' own time inside Tune, Tune's ``time_total_s``,
+÷ the bare loops), so the ratio falls as trials get longer.
 """
 
 from __future__ import annotations
@@ -65,26 +65,33 @@ def slicing_vs_dataloader(batch_size: int = 50, device: str = "cpu") -> tuple[fl
     return _best_of(slicing), _best_of(dataloader)
 
 
-def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float, float]:
+def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float, float, float]:
     """Seconds for the same trials (a) as a study through Ray+Optuna+MLflow, one at a time
-    with every core, (b) the trials' own time inside it (Tune's ``time_total_s``), and (c) as
-    bare ``run_trial`` loops in this process."""
+    with every core, (b) the trials' own time inside it (Tune's ``time_total_s``), and as
+    bare ``run_trial`` loops in this process (c) before and (d) after the study. Bracketing
+    the study by two bare runs averages out the drift of a shared (virtual) machine, which
+    moves a 2-minute trial by 10-20% between runs here."""
     study = runpy.run_path(str(REPO / "studies" / "negprior_shift.py"))
     argv = ["--shifts", shifts, "--epochs", str(epochs), "--train-n", str(train_n), "--test-n", "2000",
             "--max-concurrent", "1", "--cpus-per-trial", str(torch.get_num_threads())]
     with tempfile.TemporaryDirectory() as d:
         args = parse_args("negprior_shift.py", study["configure"], argv + ["--storage", d, "--name", "overhead"])
         spec = study["build"](args)
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            for shift in spec.grid["shift"].grid("shift"):
+                run_trial({**spec.fixed, "shift": shift, "seed": 0, "device": "cpu"})
+            return time.perf_counter() - t0
+
+        t_before = bare()
         configure_logging(verbose=False)  # as `python studies/negprior_shift.py` runs it
         t0 = time.perf_counter()
         run_spec(spec, args)
         t_study = time.perf_counter() - t0
         t_trials = sum(json.loads(f.read_text().splitlines()[-1])["time_total_s"]
                        for f in (Path(d) / "ray" / "overhead").glob("trial_*/result.json"))
-    t0 = time.perf_counter()
-    for shift in spec.grid["shift"].grid("shift"):
-        run_trial({**spec.fixed, "shift": shift, "seed": 0, "device": "cpu"})
-    return t_study, t_trials, time.perf_counter() - t0
+        return t_study, t_trials, t_before, bare()
 
 
 def main() -> None:
@@ -100,9 +107,10 @@ def main() -> None:
     if a.skip_study:
         return
     train_n, epochs = (2000, 1) if a.quick else (60000, a.epochs)
-    t_study, t_trials, t_bare = study_overhead(train_n, epochs, "2,8")
-    print(f"study_wall_s={t_study:.1f} trials_in_tune_s={t_trials:.1f} bare_wall_s={t_bare:.1f} trials=2 "
-          f"epochs={epochs} train_n={train_n}")
+    t_study, t_trials, t_before, t_after = study_overhead(train_n, epochs, "2,8")
+    t_bare = (t_before + t_after) / 2
+    print(f"study_wall_s={t_study:.1f} trials_in_tune_s={t_trials:.1f} bare_wall_s={t_bare:.1f} "
+          f"(before {t_before:.1f}, after {t_after:.1f}) trials=2 epochs={epochs} train_n={train_n}")
     print(f"fixed_overhead_s={t_study - t_trials:.1f} trial_time_ratio={t_trials / t_bare:.3f}")
     print(f"study_overhead_ratio={t_study / t_bare:.3f}", flush=True)
 
