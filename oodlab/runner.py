@@ -277,7 +277,9 @@ def tune(ctx: Context) -> Any:
         trainable,
         param_space=fixed,
         tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
-                                     reuse_actors=True,  # no new process, imports and CUDA context per trial
+                                     # not reuse_actors=True: with it one CI run logged an epoch after ASHA's
+                                     # stop (SIGKILL/resume test); a new actor per trial until that is understood
+                                     reuse_actors=False,
                                      max_concurrent_trials=args.max_concurrent or None,
                                      trial_dirname_creator=_trial_dirname),
         run_config=rtune.RunConfig(
