@@ -5,6 +5,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -68,8 +69,6 @@ def kill_leftovers(ray_tmp: str, pgid: int | None = None) -> None:
 
 def run_study(script: Path, *args: object, ray_tmp: str, timeout: float = 400) -> subprocess.CompletedProcess:
     """Run a study file to the end as a user would (``python studies/X.py ARGS``); output captured."""
-    import sys
-
     return subprocess.run([sys.executable, str(script), *map(str, args)], env=study_env(ray_tmp),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
