@@ -35,20 +35,22 @@ from oodlab.runner import run_spec
 from oodlab.study import configure_logging, parse_args
 
 
-def _best_of(fn, repeats: int = 3) -> float:
-    """Fastest of a few timed runs (the first pays for allocation and caches)."""
-    best = float("inf")
+def _best_of_interleaved(fns: list, repeats: int = 7) -> list[float]:
+    """Fastest of ``repeats`` timed runs of each function, taking turns, so a burst of load on a
+    shared machine slows both sides alike instead of one (the first run pays for caches)."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
 def slicing_vs_dataloader(batch_size: int = 50, device: str = "cpu") -> tuple[float, float]:
-    """Seconds for one shuffled epoch of float batches: (tensor slicing, DataLoader), best of 3."""
+    """Seconds for one shuffled epoch of float batches: (tensor slicing, DataLoader), best of 7."""
     x = data.load("fashion_mnist", "train", device=device).x
     gen = torch.Generator().manual_seed(0)
 
@@ -62,7 +64,8 @@ def slicing_vs_dataloader(batch_size: int = 50, device: str = "cpu") -> tuple[fl
         for (b,) in loader:
             data.to_float(b.to(device, non_blocking=True))
 
-    return _best_of(slicing), _best_of(dataloader)
+    t_slice, t_loader = _best_of_interleaved([slicing, dataloader])
+    return t_slice, t_loader
 
 
 def study_overhead(train_n: int, epochs: int, shifts: str) -> tuple[float, float, float, float]:

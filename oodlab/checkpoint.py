@@ -1,6 +1,8 @@
 """The trial checkpoint format, shared by the trainable (writes it) and tracking (reads it).
 
-A checkpoint folder holds ``STATE_FILE`` (model, optimizer, epoch and RNG state); the
+A checkpoint folder holds ``STATE_FILE`` (model, optimizer, epoch and RNG state) and
+``REPORT_FILE`` (what the trial reported to Tune with it, replayed when a restored trial
+resumes, so Tune's scheduler and callbacks see where it stands before it trains on); the
 final one also holds ``SCORES_FILE`` (raw scores), ``METRICS_FILE`` (the metric table)
 and ``ARTIFACTS_DIR`` (method-specific files, logged to MLflow as they are).
 """
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 
 STATE_FILE = "state.pt"
+REPORT_FILE = "report.json"
 SCORES_FILE = "scores.npz"
 METRICS_FILE = "metrics.json"
 ARTIFACTS_DIR = "artifacts"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, STATE_FILE, save_scores
+from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, REPORT_FILE, SCORES_FILE, STATE_FILE, save_scores
 from oodlab.registry import build
 
 __all__ = ["STATE_FILE", "newest_checkpoints", "restore", "train"]
@@ -64,6 +64,13 @@ def train(config: dict[str, Any]) -> None:
                 tune.report({"epoch": exp.epoch, "replayed": 1, "device": str(exp.device), **final},
                             checkpoint=tune.Checkpoint.from_directory(d))
             return
+        # Tune's saved state may predate this checkpoint's report (it is saved every few seconds):
+        # replay it first, so the scheduler can end a trial it stopped before the crash (ASHA)
+        # and the trial's last result is where it stands, before any epoch is trained.
+        with ckpt.as_directory() as d:
+            last = Path(d) / REPORT_FILE
+            if last.exists():
+                tune.report({**json.loads(last.read_text()), "replayed": 1})
     start_epoch = exp.epoch  # > 0 when this run continues from a checkpoint (recorded in every report)
     # Until the first evaluation every metric reads NaN: the searcher needs its key in each report.
     nan_table = {k: float("nan") for k in exp.cfg.metric_names()}
@@ -84,4 +91,5 @@ def train(config: dict[str, Any]) -> None:
                 exp.write_artifacts(Path(d) / ARTIFACTS_DIR)
             report = {"epoch": res.epoch, "start_epoch": start_epoch, "epoch_s": res.seconds,
                       "device": str(exp.device), **res.train, **metrics}
+            (Path(d) / REPORT_FILE).write_text(json.dumps(report, allow_nan=True))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))

@@ -12,7 +12,8 @@ Why each is needed:
   restored Tune experiment still tracks.
 * ``AsyncHyperBandScheduler._brackets`` / ``_Bracket._rungs``: Tune does not save the
   scheduler with its experiment state (``TuneController.save_to_dir``), so a resumed ASHA
-  would start with empty rungs; ``PersistentASHA`` keeps them in a JSON file.
+  would start with empty rungs; ``PersistentASHA`` keeps them (and the trials it stopped) in a
+  JSON file. ``_time_attr`` / ``_max_t``: whether a stop came before the last epoch.
 * ``Trial.run_metadata.checkpoint_manager`` (``_latest_checkpoint_result`` /
   ``_checkpoint_results``): Tune's saved state can name a checkpoint that
   ``CheckpointConfig(num_to_keep)`` deleted after the save (fast epochs, a driver killed
@@ -60,6 +61,7 @@ def check_private_api() -> None:
     assert isinstance(sched._brackets[0], _Bracket) and isinstance(sched._brackets[0]._rungs, list)
     milestone, recorded = sched._brackets[0]._rungs[0]
     assert isinstance(recorded, dict) and milestone == 4
+    assert (sched._time_attr, sched._max_t) == ("training_iteration", 4), "ray ASHA lost _time_attr/_max_t"
     from ray.tune.search import Searcher
 
     assert Searcher.CKPT_FILE_TMPL.format("*") == SEARCHER_STATE_GLOB, "Tune renamed its searcher-state file"
@@ -100,8 +102,8 @@ def searcher_class() -> type:
                 ot.report(float(value), int(result["epoch"]))
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if trial_id in self._completed_trials or self._finished_in_optuna(trial_id):
-                return
+            if result.get("replayed") or trial_id in self._completed_trials or self._finished_in_optuna(trial_id):
+                return  # a replayed report: Optuna has this epoch's value from before the crash
             self._report(trial_id, result)  # multi-objective: Optuna takes no intermediate values; skipped
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -209,32 +211,41 @@ def checkpoint_repair() -> Any:
 
 
 def persistent_asha(state_file: Path, **kwargs: Any) -> Any:
-    """An ASHAScheduler whose rungs live in ``state_file`` too: written when a rung records a
-    trial, read back when a restored experiment adds its first trial."""
-    from ray.tune.schedulers import ASHAScheduler
+    """An ASHAScheduler whose rungs and stop decisions live in ``state_file`` too: written when
+    they change, read back when a restored experiment adds its first trial.
+
+    Tune's own saved state lags by a few seconds, so a driver killed just after ASHA stopped a
+    trial (and Optuna was told PRUNED) restores that trial as unfinished; the trainable first
+    replays its last report, and the scheduler ends it there instead of training it on.
+    """
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class PersistentASHA(ASHAScheduler):
         def __init__(self, state_file: str, **kw: Any) -> None:
             super().__init__(**kw)
             self.state_file = state_file
             self._loaded = False
+            self._stopped: dict[str, float] = {}  # trial id -> the time_attr value ASHA stopped it at
 
-        def _rungs(self) -> list[list[list[Any]]]:
-            return [[[m, dict(r)] for m, r in b._rungs] for b in self._brackets]
+        def _state(self) -> dict[str, Any]:
+            return {"rungs": [[[m, dict(r)] for m, r in b._rungs] for b in self._brackets],
+                    "stopped": dict(self._stopped)}
 
         def _load(self) -> None:
             self._loaded = True
             if not os.path.exists(self.state_file):
                 return
             saved = json.loads(Path(self.state_file).read_text())
-            for bracket, rungs in zip(self._brackets, saved):
+            saved = saved if isinstance(saved, dict) else {"rungs": saved}  # written before stops were kept
+            for bracket, rungs in zip(self._brackets, saved["rungs"]):
                 by_milestone = {float(m): r for m, r in rungs}
                 for milestone, recorded in bracket._rungs:
                     recorded.update(by_milestone.get(float(milestone), {}))
+            self._stopped.update(saved.get("stopped", {}))
             log.info("ASHA rungs restored from %s", self.state_file)
 
-        def _save(self, before: list) -> None:
-            after = self._rungs()
+        def _save(self, before: dict[str, Any]) -> None:
+            after = self._state()
             if after != before:
                 tmp = f"{self.state_file}.tmp"
                 Path(tmp).write_text(json.dumps(after))
@@ -246,13 +257,17 @@ def persistent_asha(state_file: Path, **kwargs: Any) -> Any:
             super().on_trial_add(tune_controller, trial)
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            before = self._rungs()
+            if trial.trial_id in self._stopped:  # stopped before a crash: its replayed report ends it
+                return TrialScheduler.STOP
+            before = self._state()
             action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and result.get(self._time_attr, self._max_t) < self._max_t:
+                self._stopped[trial.trial_id] = result[self._time_attr]
             self._save(before)
             return action
 
         def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-            before = self._rungs()
+            before = self._state()
             if trial.trial_id in self._trial_info:
                 super().on_trial_complete(tune_controller, trial, result)
             self._save(before)
@@ -265,4 +280,5 @@ def persistent_asha(state_file: Path, **kwargs: Any) -> Any:
 
 def asha_rungs(state_file: Path) -> list[list[list[Any]]]:
     """The saved rungs, ``[bracket][rung] = [milestone, {trial_id: signed value}]`` (tests, reports)."""
-    return json.loads(state_file.read_text()) if state_file.exists() else []
+    saved = json.loads(state_file.read_text()) if state_file.exists() else []
+    return saved["rungs"] if isinstance(saved, dict) else saved

@@ -137,8 +137,13 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
         assert proc.returncode == 0, out.decode()[-3000:]
         rows = [json.loads(line) for line in (victim[0] / "result.json").read_text().splitlines()]
         assert rows[-1]["epoch"] == 6
-        # the restarted run began from the checkpoint of the last reported epoch, not from scratch
+        # the restarted run began from the checkpoint of the last reported epoch, not from scratch,
+        # first replaying that epoch's report to Tune, and trained every epoch once
         assert rows[-1]["start_epoch"] >= victim[2] >= 1, rows[-1]["start_epoch"]
+        replays = [r for r in rows if r.get("replayed")]
+        assert [r["epoch"] for r in replays] == [rows[-1]["start_epoch"]], rows
+        trained = [r["epoch"] for r in rows if not r.get("replayed")]
+        assert trained == list(range(1, 7)), trained
         assert optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") == 2
     finally:
         cluster.shutdown()

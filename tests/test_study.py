@@ -133,10 +133,13 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     assert pruned, "ASHA stopped no trial"
     assert all(t.user_attrs["stopped_at_epoch"] < 3 and t.value is not None for t in pruned)
 
-    # ASHA: the first rung holds every trial, those that ended before the kill included.
-    rungs = json.loads((storage / "asha" / "tpe.json").read_text())[0]
+    # ASHA: the first rung holds every trial, those that ended before the kill included; the stops
+    # it kept are Optuna's PRUNED trials, at the same epochs.
+    saved = json.loads((storage / "asha" / "tpe.json").read_text())
+    rungs = saved["rungs"][0]
     first_rung = dict(rungs[-1][1])
     assert rungs[-1][0] == 1 and set(first_rung) == set(ray_ids)
+    assert saved["stopped"] == {t.user_attrs["ray_trial_id"]: t.user_attrs["stopped_at_epoch"] for t in pruned}
 
     # Tune: no epoch trained twice.
     for d in (storage / "ray" / "tpe").glob("trial_*"):

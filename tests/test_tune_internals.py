@@ -35,6 +35,14 @@ def test_asha_rungs_survive_a_new_scheduler(tmp_path):
     fresh.on_trial_add(None, _trial("t3"))
     assert fresh.on_trial_result(None, _trial("t3"), {"epoch": 1, "m": 0.1}) == "CONTINUE"  # empty rungs: no cutoff
 
+    # t3 was stopped at epoch 1; a driver killed before Tune saved that restores t3 as unfinished,
+    # and its trainable replays the epoch-1 report: the next scheduler ends it there.
+    c = make()
+    c.on_trial_add(None, _trial("t3"))
+    assert c.on_trial_result(None, _trial("t3"), {"epoch": 1, "m": 0.1, "replayed": 1}) == "STOP"
+    c.on_trial_add(None, _trial("t4"))
+    assert c.on_trial_result(None, _trial("t4"), {"epoch": 1, "m": 0.95}) == "CONTINUE"  # only t3
+
 
 def test_reconcile_marks_orphans_failed_and_frees_grid_points(tmp_path):
     url = f"sqlite:///{tmp_path / 'o.db'}"
