@@ -53,24 +53,32 @@ def restore(exp, ckpt: tune.Checkpoint) -> tune.Checkpoint:
     raise FileNotFoundError(f"no readable {STATE_FILE} in the checkpoints next to {ckpt.path}")
 
 
+def _last_report(ckpt_dir: Path, exp) -> dict[str, Any]:
+    """What the trial reported with this checkpoint (checkpoints older than REPORT_FILE: the
+    final metric table, if any)."""
+    if (ckpt_dir / REPORT_FILE).exists():
+        return json.loads((ckpt_dir / REPORT_FILE).read_text())
+    if (ckpt_dir / METRICS_FILE).exists():
+        return {"epoch": exp.epoch, "device": str(exp.device), **json.loads((ckpt_dir / METRICS_FILE).read_text())}
+    return {}
+
+
 def train(config: dict[str, Any]) -> None:
     exp = build(config)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
+        # Tune's saved state may predate the newest checkpoint's report (it is saved every few
+        # seconds): replay that report first, so Tune, the scheduler (which ends a trial ASHA
+        # stopped before the crash) and MLflow see where the trial stands. A finished trial
+        # only replays its final report, with its checkpoint (scores for the artifacts).
         ckpt = restore(exp, ckpt)
-        if exp.done:  # it had finished: report its final result again so Tune records it; no training
-            with ckpt.as_directory() as d:
-                final = json.loads((Path(d) / METRICS_FILE).read_text()) if (Path(d) / METRICS_FILE).exists() else {}
-                tune.report({"epoch": exp.epoch, "replayed": 1, "device": str(exp.device), **final},
-                            checkpoint=tune.Checkpoint.from_directory(d))
-            return
-        # Tune's saved state may predate this checkpoint's report (it is saved every few seconds):
-        # replay it first, so the scheduler can end a trial it stopped before the crash (ASHA)
-        # and the trial's last result is where it stands, before any epoch is trained.
         with ckpt.as_directory() as d:
-            last = Path(d) / REPORT_FILE
-            if last.exists():
-                tune.report({**json.loads(last.read_text()), "replayed": 1})
+            last = _last_report(Path(d), exp)
+            if exp.done:
+                tune.report({**last, "replayed": 1}, checkpoint=tune.Checkpoint.from_directory(d))
+                return
+            if last:
+                tune.report({**last, "replayed": 1})
     start_epoch = exp.epoch  # > 0 when this run continues from a checkpoint (recorded in every report)
     # Until the first evaluation every metric reads NaN: the searcher needs its key in each report.
     nan_table = {k: float("nan") for k in exp.cfg.metric_names()}

@@ -23,6 +23,13 @@ if not (Path(os.environ["OODLAB_DATA_DIR"]) / "FashionMNIST" / "raw").is_dir():
         "point it at a folder with the torchvision layout (e.g. ../shared/data)"
     )
 
+# Under pytest-xdist each worker process gets its share of the cores for in-process torch work:
+# two workers x two OpenMP threads on two cores made a 2 s trial test take 30 s next to a study.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 STORE_ENV = ("MLFLOW_TRACKING_URI", "OODLAB_OPTUNA_STORAGE")  # study defaults: a test passes stores as flags
 
