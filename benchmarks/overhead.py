@@ -1,7 +1,7 @@
 """How much do Ray Tune + Optuna + MLflow cost on top of bare training, and how much
 faster is batching by tensor slicing than a DataLoader?
 
-    python benchmarks/overhead.py              # ~13 min on 2 CPU cores: 2 trials of 5 epochs, 3 times
+    python benchmarks/overhead.py              # ~10 min on 2 CPU cores: 2 trials of 5 epochs, 3 times
     python benchmarks/overhead.py --epochs 3   # shorter trials: the fixed cost weighs more
     python benchmarks/overhead.py --quick      # ~1 min: short trials (overhead ratio not meaningful)
 

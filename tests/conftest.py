@@ -86,15 +86,19 @@ def start_study(args: Sequence[object], ray_tmp: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def sigkill_when(proc: subprocess.Popen, ray_tmp: str, ready: Callable[[], bool], what: str,
-                 timeout: float = 300) -> None:
-    """Poll ``ready()`` while the study runs, then SIGKILL the driver (a crash mid-study) and
-    whatever it left behind. Fails with the study's output if it ended first."""
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll ``ready()`` while the study runs; fails with the study's output if it ended first."""
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else "study ended"
         assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
         time.sleep(0.2)
+
+
+def sigkill_when(proc: subprocess.Popen, ray_tmp: str, ready: Callable[[], bool], what: str,
+                 timeout: float = 300) -> None:
+    """Once ``ready()``, SIGKILL the driver (a crash mid-study) and whatever it left behind."""
+    wait_until(proc, ready, what, timeout)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kill_leftovers(ray_tmp, proc.pid)

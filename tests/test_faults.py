@@ -3,14 +3,13 @@ multi-node cluster (ray.cluster_utils.Cluster), corrupt or foreign state, unusab
 
 import json
 import signal
-import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_leftovers, optuna_states, run_study, study_env
+from conftest import kill_leftovers, optuna_states, run_study, start_study, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
@@ -85,12 +84,9 @@ def _diverged_trial_failed_and_the_other_finished(tmp_path):
 def test_sigint_stops_cleanly_then_resume_completes(tmp_path, ray_tmp):
     args = [sys.executable, STUDY, "--storage", tmp_path / "r", "--name", "ctrlc", "--shifts", "2,4,6", *TINY,
             "--max-concurrent", "1"]
-    proc = subprocess.Popen(list(map(str, args)), env=study_env(ray_tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 180
-    while optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") < 1:
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
+    proc = start_study(args, ray_tmp)
+    wait_until(proc, lambda: optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") >= 1, "a trial COMPLETE",
+               timeout=180)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     rc = proc.wait(timeout=120)
     log = proc.stdout.read().decode()
@@ -117,8 +113,7 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
     try:
         args = [sys.executable, STUDY, "--storage", tmp_path / "r", "--name", "kill", "--shifts", "2,8",
                 "--epochs", "6", "--train-n", "1500", "--test-n", "100", "--address", cluster.address]
-        proc = subprocess.Popen(list(map(str, args)), env=study_env(ray_tmp), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        proc = start_study(args, ray_tmp)
         exp = tmp_path / "r" / "ray" / "kill"
         deadline, victim = time.time() + 180, None
         while victim is None:

@@ -150,10 +150,8 @@ def test_two_studies_at_once_share_one_store(tmp_path, ray_tmp, pg):
     storage = tmp_path / "shared"
 
     def start(name):
-        return subprocess.Popen([sys.executable, str(STUDY), "--storage", str(storage), "--name", name,
-                                 "--shifts", "2", "--epochs", "1", "--train-n", "300", "--test-n", "100",
-                                 "--optuna-storage", ot], env=study_env(ray_tmp), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return start_study([sys.executable, STUDY, "--storage", storage, "--name", name, "--shifts", "2",
+                            "--epochs", "1", "--train-n", "300", "--test-n", "100", "--optuna-storage", ot], ray_tmp)
 
     procs = [start("first"), start("second")]
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
