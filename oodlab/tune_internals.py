@@ -3,8 +3,9 @@
 Why each is needed:
 
 * ``OptunaSearch._ot_trials`` / ``_ot_study`` / ``_completed_trials``: the searcher must
-  never tell Optuna twice (a driver killed after Optuna recorded a trial but before Tune
-  saved its state sees that trial finish again on resume), must record the Ray trial id
+  never tell Optuna twice (a driver killed after Optuna recorded a trial or an epoch's
+  value but before Tune saved its state sees that trial finish, or its epoch replayed,
+  again on resume), must record the Ray trial id
   and a failure's reason on the Optuna trial, and must tell Optuna PRUNED for a trial the
   scheduler stopped early (Ray would tell COMPLETE with the value at the stopping epoch).
 * ``Study._storage`` / ``FrozenTrial._trial_id``: reconcile trials Tune will never finish.
@@ -90,21 +91,31 @@ def searcher_class() -> type:
         def study(self) -> Any:
             return self._ot_study
 
-        def _finished_in_optuna(self, trial_id: str) -> bool:
+        def _stored(self, trial_id: str) -> Any:
+            """The Optuna trial as its storage holds it now (None for a trial this searcher did not ask)."""
             ot = self._ot_trials.get(trial_id)
-            return ot is not None and self.study._storage.get_trial(ot._trial_id).state.is_finished()
+            return None if ot is None else self.study._storage.get_trial(ot._trial_id)
 
-        def _report(self, trial_id: str, result: dict) -> None:
-            """The target at this epoch as Optuna's intermediate value (steps = epochs, not Tune's iterations)."""
+        def _finished_in_optuna(self, trial_id: str) -> bool:
+            stored = self._stored(trial_id)
+            return stored is not None and stored.state.is_finished()
+
+        def _report(self, trial_id: str, result: dict, stored: Any = None) -> None:
+            """The target at this epoch as Optuna's intermediate value (steps = epochs, not Tune's
+            iterations), once: a restored trial replays a report Optuna may have had before the crash."""
             value = result.get(self._metric) if isinstance(self._metric, str) else None
             ot = self._ot_trials.get(trial_id)
-            if ot is not None and isinstance(value, (int, float)) and value == value and "epoch" in result:
-                ot.report(float(value), int(result["epoch"]))
+            if ot is None or not isinstance(value, (int, float)) or value != value or "epoch" not in result:
+                return
+            step = int(result["epoch"])
+            if step not in (stored or self._stored(trial_id)).intermediate_values:
+                ot.report(float(value), step)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if result.get("replayed") or trial_id in self._completed_trials or self._finished_in_optuna(trial_id):
-                return  # a replayed report: Optuna has this epoch's value from before the crash
-            self._report(trial_id, result)  # multi-objective: Optuna takes no intermediate values; skipped
+            stored = self._stored(trial_id)
+            if trial_id in self._completed_trials or stored is None or stored.state.is_finished():
+                return
+            self._report(trial_id, result, stored)  # multi-objective: Optuna takes no intermediate values; skipped
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id in self._completed_trials:
@@ -233,10 +244,9 @@ def persistent_asha(state_file: Path, **kwargs: Any) -> Any:
 
         def _load(self) -> None:
             self._loaded = True
-            if not os.path.exists(self.state_file):
+            saved = _read_asha_state(Path(self.state_file))
+            if not saved:
                 return
-            saved = json.loads(Path(self.state_file).read_text())
-            saved = saved if isinstance(saved, dict) else {"rungs": saved}  # written before stops were kept
             for bracket, rungs in zip(self._brackets, saved["rungs"]):
                 by_milestone = {float(m): r for m, r in rungs}
                 for milestone, recorded in bracket._rungs:
@@ -278,7 +288,13 @@ def persistent_asha(state_file: Path, **kwargs: Any) -> Any:
     return PersistentASHA(str(state_file), **kwargs)
 
 
+def _read_asha_state(state_file: Path) -> dict[str, Any]:
+    """``{"rungs": [bracket][rung] = [milestone, {trial_id: signed value}], "stopped": {trial_id:
+    epoch}}``; empty when there is no file; a file written before stops were kept holds the rungs only."""
+    saved = json.loads(state_file.read_text()) if state_file.exists() else {}
+    return saved if isinstance(saved, dict) else {"rungs": saved}
+
+
 def asha_rungs(state_file: Path) -> list[list[list[Any]]]:
     """The saved rungs, ``[bracket][rung] = [milestone, {trial_id: signed value}]`` (tests, reports)."""
-    saved = json.loads(state_file.read_text()) if state_file.exists() else []
-    return saved["rungs"] if isinstance(saved, dict) else saved
+    return _read_asha_state(state_file).get("rungs", [])

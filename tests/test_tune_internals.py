@@ -76,6 +76,23 @@ def test_searcher_never_tells_optuna_twice(tmp_path):
     assert [(t.state.name, t.value, t.user_attrs["ray_trial_id"]) for t in trials] == [("COMPLETE", 0.7, "t1")]
 
 
+def test_a_replayed_report_reaches_optuna_once(tmp_path, recwarn):
+    """A restored trial replays its last report: Optuna takes the epoch if the driver died before
+    telling it, and is not told it again (no "already reported" warning) if it had it."""
+    from oodlab.space import DefineByRun, as_space
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    searcher = tune_internals.searcher_class()(space=DefineByRun.of(as_space({"x": [1, 2]})), metric="m",
+                                               mode="max", study_name="s", storage=optuna.storages.RDBStorage(url))
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"m": 0.5, "epoch": 1})
+    searcher.on_trial_result("t1", {"m": 0.5, "epoch": 1, "replayed": 1})  # had it
+    searcher.on_trial_result("t1", {"m": 0.6, "epoch": 2, "replayed": 1})  # never told before the crash
+    (trial,) = optuna.load_study(study_name="s", storage=url).trials
+    assert trial.intermediate_values == {1: 0.5, 2: 0.6}
+    assert not [w for w in recwarn if "already reported" in str(w.message)]
+
+
 def _trial_with_checkpoints(folder, names, latest):
     from ray import tune
     from ray.train._internal.session import _TrainingResult
