@@ -1,5 +1,7 @@
-"""metrics.ood_metrics: higher score = more OOD; AUROC/AUPR agree with scikit-learn, FPR95/80 are
-the papers' (ID positive: the threshold keeps 95% / 80% of ID, FPR = share of OOD accepted)."""
+"""metrics.ood_metrics: higher score = more OOD; AUROC/AUPR agree with scikit-learn; FPR in both
+conventions: ``fpr95``/``fpr80`` ID positive (paper 002, OpenOOD: the threshold keeps 95% / 80% of ID,
+FPR = share of OOD accepted), ``fpr95_oodpos``/``fpr80_oodpos`` OOD positive (paper 004: the
+threshold catches 95% / 80% of OOD, FPR = share of ID flagged as OOD)."""
 
 import numpy as np
 import pytest
@@ -32,6 +34,8 @@ def test_fpr95_and_detection_error_by_brute_force():
     ood_kept = np.array([(s_out <= t).mean() for t in thresholds])
     assert m["fpr95"] == pytest.approx(ood_kept[id_kept >= 0.95].min())
     assert m["fpr80"] == pytest.approx(ood_kept[id_kept >= 0.80].min())
+    assert m["fpr95_oodpos"] == pytest.approx(fpr[tpr >= 0.95].min())
+    assert m["fpr80_oodpos"] == pytest.approx(fpr[tpr >= 0.80].min())
     assert m["detection_error"] == pytest.approx(np.min(0.5 * (1 - tpr) + 0.5 * fpr))
 
 
@@ -48,12 +52,31 @@ def test_fpr_is_the_papers_id_positive_convention():
     assert ood_metrics(s_out - 1, s_in + 1)["fpr95"] == pytest.approx(0.306, abs=0.005)
 
 
+def test_both_fpr_conventions_on_a_known_answer():
+    """ID scores 0..9; OOD 5.5 and 20..28. ID positive: keeping 95% (t = 9) or 80% (t = 7) of ID
+    accepts only the OOD 5.5 -> 0.1. OOD positive: catching 80% of OOD (t = 21) flags no ID image
+    -> 0; catching 95% needs every OOD image (t = 5.5), which flags ID 6, 7, 8, 9 -> 0.4."""
+    m = ood_metrics(np.arange(10.0), np.r_[5.5, np.arange(20.0, 29.0)])
+    assert (m["fpr95"], m["fpr80"]) == (0.1, 0.1)
+    assert (m["fpr95_oodpos"], m["fpr80_oodpos"]) == (0.4, 0.0)
+
+
+def test_oodpos_fpr_on_gaussians():
+    """ID N(0, 1) vs OOD N(1, 0.3²): catching 95% of OOD (t = 1 − 1.645·0.3) flags Φ(−0.507) = 0.306 of
+    ID; catching 80% (t = 1 − 0.842·0.3) flags Φ(−0.747) = 0.227."""
+    rng = np.random.default_rng(0)
+    m = ood_metrics(rng.normal(0, 1, 200_000), rng.normal(1, 0.3, 200_000))
+    assert m["fpr95_oodpos"] == pytest.approx(0.306, abs=0.005)
+    assert m["fpr80_oodpos"] == pytest.approx(0.227, abs=0.005)
+
+
 def test_separated_constant_and_reversed():
     perfect = ood_metrics(np.zeros(10), np.ones(10))
     assert perfect["auroc"] == 1.0 and perfect["fpr95"] == 0.0 and perfect["detection_error"] == 0.0
+    assert perfect["fpr95_oodpos"] == 0.0 and perfect["fpr80_oodpos"] == 0.0
     assert perfect["aupr_in"] == 1.0 and perfect["aupr_out"] == 1.0
     const = ood_metrics(np.ones(10), np.ones(30))
-    assert const["auroc"] == 0.5 and const["fpr95"] == 1.0
+    assert const["auroc"] == 0.5 and const["fpr95"] == 1.0 and const["fpr80_oodpos"] == 1.0
     assert ood_metrics(np.ones(10), np.zeros(10))["auroc"] == 0.0  # sign matters: higher = more OOD
 
 
