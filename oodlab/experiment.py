@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +26,11 @@ import torch
 from oodlab import data
 from oodlab.metrics import METRICS, ood_metrics
 
+# metric naming lives in oodlab.naming; methods import these names from here with the contract
+from oodlab.naming import VAL, is_val_metric, metric_name, score_key, set_key, val_id_name  # noqa: F401
+
 Scores = dict[str, dict[str, np.ndarray]]  # {"id" | ood_key | "val_id" | "val_"+val_key: {score_name: (N,) array}}
-VAL = "val_"  # prefix of validation sets' score keys and metric names
+FUSE = ("auto", "fused", "looped")
 SetInfos = dict[tuple[str, str], data.SetInfo]  # (spec, split) -> size, (C, H, W) and labels as loaded
 
 
@@ -68,7 +70,11 @@ class TrialConfig:
     epochs: int = 100
     batch_size: int = 50
     lr: float = 1e-4
-    seed: int = 0
+    seed: int = 0  # the first replicate's seed: a trial trains seeds seed, seed+1, …, seed+seeds-1
+    seeds: int = 1  # replicates of this configuration trained in one trial (oodlab.replicates)
+    # how replicates train: "fused" as one batched model (methods that support it), "looped" one after
+    # another, "auto" = fused on a GPU, looped on a CPU (benchmarks/replicates.py measured both)
+    fuse: str = "auto"
     # --- evaluation ---
     eval_every: int = 1  # evaluate every k epochs and after the last
     eval_batch_size: int = 1000
@@ -85,6 +91,8 @@ class TrialConfig:
             (self.val_n >= 1, f"val_n must be >= 1 (ID training images held out for validation), got {self.val_n}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (1 <= self.seeds <= 100, f"seeds must be in 1..100 (replicates per trial), got {self.seeds}"),
+            (self.fuse in FUSE, f"fuse must be one of {', '.join(FUSE)}; got {self.fuse!r}"),
             (0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
@@ -164,37 +172,6 @@ class TrialConfig:
         d["ood"] = ",".join(self.ood)
         d["val_ood"] = ",".join(self.val_ood)
         return d
-
-
-def set_key(spec: str) -> str:
-    """A short metric-safe name for a data spec: ``npz:/a/b/x.npz`` -> ``x``, ``mnist[n=5]`` -> ``mnist_n_5``."""
-    if spec.startswith("npz:"):
-        path, _, mods = spec[4:].partition("[")
-        spec = path.rsplit("/", 1)[-1].removesuffix(".npz") + ("[" + mods if mods else "")
-    return re.sub(r"[^0-9a-zA-Z]+", "_", spec).strip("_").lower()
-
-
-def metric_name(metric: str, ood: str, score: str, split: str = "test") -> str:
-    """Flat name of one number of the metric table: ``auroc_mnist_bpd`` (ID test vs a test OOD set)
-    or, with split="val", ``val_auroc_blobs_bpd`` (ID validation vs a validation OOD set)."""
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be test or val, got {split!r}")
-    return f"{VAL if split == 'val' else ''}{metric}_{set_key(ood)}_{score}"
-
-
-def val_id_name(score: str) -> str:
-    """Name of the mean score of the ID validation images, e.g. ``val_id_bpd`` (a second objective)."""
-    return f"{VAL}id_{score}"
-
-
-def is_val_metric(name: str) -> bool:
-    """Whether a flat metric name is measured on validation sets (and may be used for selection)."""
-    return name.startswith(VAL)
-
-
-def score_key(spec: str, split: str = "test") -> str:
-    """Key of a set in ``Scores``: ``mnist`` for a test OOD set, ``val_blobs`` for a validation one."""
-    return (VAL if split == "val" else "") + set_key(spec)
 
 
 def metric_table(scores: Scores, oods: tuple[str, ...], split: str = "test") -> dict[str, float]:
@@ -323,6 +300,7 @@ class EpochResult:
     metrics: dict[str, float] = field(default_factory=dict)  # flat metric table (when evaluated)
     scores: Scores | None = None  # raw scores (when evaluated)
     seconds: float = 0.0
+    replicas: dict[int, EpochResult] = field(default_factory=dict)  # seed -> its own result (several replicates)
 
 
 C = TypeVar("C", bound=TrialConfig)
@@ -402,9 +380,17 @@ class Experiment(abc.ABC, Generic[C]):
     def step(self) -> EpochResult:
         """Train one epoch, evaluate when due."""
         t0 = time.perf_counter()
+        self.check_fault()
+        return self.close_epoch(self.train_epoch(), t0)
+
+    def check_fault(self) -> None:
+        """Fault injection for tests: ``fail_at_epoch`` makes the coming epoch "diverge"."""
         if self.cfg.fail_at_epoch == self.epoch + 1:
             raise FloatingPointError(f"loss became nan in epoch {self.epoch + 1} (injected by fail_at_epoch)")
-        res = EpochResult(self.epoch + 1, self.train_epoch())
+
+    def close_epoch(self, train: dict[str, float], t0: float) -> EpochResult:
+        """Count an epoch trained (its mean loss parts ``train``, started at ``t0``); evaluate when due."""
+        res = EpochResult(self.epoch + 1, train)
         self.epoch = res.epoch
         if self.epoch % self.cfg.eval_every == 0 or self.done:
             res.metrics, res.scores = self.evaluate()

@@ -17,10 +17,12 @@ from oodlab.models.vae import VAE
 from oodlab.vae_math import iwae_log_weights, kl_to_normal, log_mean_exp, reparameterize, sample_k, to_bpd
 
 
-def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """One-sample ELBO pieces, each (B,): ``rec`` = log p(x|z), ``kl``, ``elbo`` = rec − kl; plus μ, log σ²."""
+def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One-sample ELBO pieces, each (B,): ``rec`` = log p(x|z), ``kl``, ``elbo`` = rec − kl; plus μ, log σ².
+    The draw z = μ + ε·σ takes ε from ``eps`` when given (replicates draw it from their own stream)."""
     mu, logvar = model.encode(x)
-    z = reparameterize(mu, logvar, generator)
+    z = reparameterize(mu, logvar, generator, eps)
     rec = model.log_px(x, model.decode(z))
     kl = kl_to_normal(mu, logvar)
     return {"rec": rec, "kl": kl, "elbo": rec - kl, "mu": mu, "logvar": logvar}

@@ -38,16 +38,19 @@ from torch import nn
 from oodlab import data
 from oodlab.experiment import (
     ConfigError,
+    EpochMeans,
     Scores,
     SetInfos,
     TrialConfig,
     auto_arch,
+    descend,
     require,
     same_shape,
     score_sets,
     set_key,
 )
 from oodlab.experiment import Experiment as BaseExperiment
+from oodlab.fusion import Stack
 from oodlab.models.vae import ARCHS, DECODERS, VAE, VAEConfig, build_vae
 from oodlab.scores import elbo_terms, score_batch
 from oodlab.vae_math import iwae_log_weights, kl_to_normal, sample_k
@@ -75,9 +78,10 @@ def eubo(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None 
 
 
 def loss(model: VAE, x: torch.Tensor, x_neg: torch.Tensor | None, shift: float, neg_weight: float,
-         use_eubo: bool = False, eubo_k: int = 8) -> dict[str, torch.Tensor]:
-    """Batch-mean loss and its parts (scalars): ``loss``, ``nelbo``, ``kl``, and ``neg_kl`` or ``neg_eubo``."""
-    t = elbo_terms(model, x)
+         use_eubo: bool = False, eubo_k: int = 8, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Batch-mean loss and its parts (scalars): ``loss``, ``nelbo``, ``kl``, and ``neg_kl`` or ``neg_eubo``;
+    ``eps``: the inliers' reparameterisation noise (B, latent_dim), drawn by the caller."""
+    t = elbo_terms(model, x, eps=eps)
     nelbo = -t["elbo"].mean()
     out = {"nelbo": nelbo, "kl": t["kl"].mean(), "loss": nelbo}
     if x_neg is not None:
@@ -279,8 +283,24 @@ class Experiment(BaseExperiment[Config]):
         return None
 
     def latents(self, n: int) -> torch.Tensor:
-        """z ~ N(0, I) for the generator, (n, latent_dim), drawn with ``self.gen``."""
+        """z ~ N(0, I) for the generator, or the ε of the inliers' z = μ + ε·σ; (n, latent_dim), drawn
+        with ``self.gen`` so a replicate's every draw follows its own seed, fused or not."""
         return torch.randn(n, self.cfg.latent_dim, generator=self.gen).to(self.device)
+
+    def draws(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One step's inputs, in the order they are drawn from ``self.gen``: inliers, negatives, ε."""
+        x = data.to_float(self.train_x[idx])
+        return x, self.negatives_batch(x), self.latents(len(idx))
+
+    def fuse(self, members: list[Experiment]) -> FusedTraining | None:
+        """Replicates of this configuration trained as one batched model, or None where the model does
+        not allow it: the adversarial scheme (two optimizers over parameter subsets), EUBO (its
+        importance draws), spectral norm (parametrised weights) and the color architecture (BatchNorm
+        statistics are buffers updated in place) train looped."""
+        cfg = self.cfg
+        if cfg.negatives == "adversarial" or cfg.eubo or cfg.spectral_norm or self.model.cfg.arch != "gray":
+            return None
+        return FusedTraining(members)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the ID training set; returns mean loss terms."""
@@ -288,13 +308,14 @@ class Experiment(BaseExperiment[Config]):
         model.train()
 
         def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-            x = data.to_float(self.train_x[idx])
             if cfg.negatives == "adversarial":  # two optimisers: the step makes its own updates
                 assert self.opt_dec is not None  # built for the adversarial scheme in __init__
+                x = data.to_float(self.train_x[idx])
                 return adversarial_step(
                     model, self.opt, self.opt_dec, x, self.latents(len(idx)), self.latents(len(idx)), cfg
                 )
-            return loss(model, x, self.negatives_batch(x), cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k)
+            x, x_neg, eps = self.draws(idx)
+            return loss(model, x, x_neg, cfg.shift, cfg.neg_weight, cfg.eubo, cfg.eubo_k, eps)
 
         return self.shuffled_epoch(step, None if cfg.negatives == "adversarial" else self.opt)
 
@@ -340,3 +361,43 @@ class Experiment(BaseExperiment[Config]):
         self.epoch = int(state["epoch"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
+
+
+class FusedTraining:
+    """Replicates of one gray-VAE configuration trained as one batched model (``oodlab.fusion``): every
+    replicate draws its batch order, negatives and ε from its own generator in the order a looped
+    replicate does, so fused and looped training give the same losses up to float rounding."""
+
+    def __init__(self, members: list[Experiment]) -> None:
+        self.members = members
+        cfg = members[0].cfg
+        make = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
+        self.stack = Stack([m.model for m in members], [m.opt for m in members],
+                           lambda params: make(params, lr=cfg.lr))
+
+    def train_epoch(self) -> list[dict[str, float]]:
+        cfg, ms = self.members[0].cfg, self.members
+        for m in ms:
+            m.model.train()
+
+        def objective(model: VAE, x: torch.Tensor, x_neg: torch.Tensor | None,
+                      eps: torch.Tensor) -> dict[str, torch.Tensor]:
+            return loss(model, x, x_neg, cfg.shift, cfg.neg_weight, eps=eps)
+
+        orders = [data.batch_indices(len(m.train_x), cfg.batch_size, shuffle=True, generator=m.gen, device=m.device)
+                  for m in ms]
+        means = [EpochMeans() for _ in ms]
+        for idxs in zip(*orders):
+            x, x_neg, eps = zip(*(m.draws(idx) for m, idx in zip(ms, idxs)))
+            negs = None if x_neg[0] is None else torch.stack(x_neg)
+            parts = self.stack.vmap(objective, torch.stack(x), negs, torch.stack(eps))
+            descend(self.stack.opt, parts["loss"].sum())  # the sum gives each replicate its own gradient
+            for i, mean in enumerate(means):
+                mean.add({k: v[i] for k, v in parts.items()})
+        return [mean.means(ms[0].epoch + 1) for mean in means]
+
+    def sync_out(self) -> None:
+        self.stack.sync_out()
+
+    def sync_in(self) -> None:
+        self.stack.sync_in()
