@@ -2,9 +2,11 @@
 
 Spec grammar: ``name``, ``name[mod=val,...]`` or ``npz:/path/file.npz[mods]``.
 Modifiers (applied in this order): ``labels=0-4`` / ``labels=1,7``, ``n=1000``,
-``channels=1|3``, ``size=32``, ``brightness=0.6`` (pixels × factor, clamped; paper 004 §3.2).
-``overall`` is paper 004's mixed OOD set: 1,000 random test images of each available
-OOD set (``OVERALL``; plus ``OVERALL_OPTIONAL`` where present), shuffled, labels = source index.
+``channels=1|3``, ``size=32``, ``brightness=0.6`` (pixels × factor, clamped; paper 004 §3.2),
+``mix=paper|equal`` (``overall`` only). Synthetic sets are drawn at ``size`` (not drawn at 28
+and resized). ``overall`` is paper 004's mixed OOD set (§5.1, ``overall_parts``): images drawn
+uniformly from the paper's OOD sets, one noise set among them, built at ``size`` (natural sets
+resized, noise and constant drawn at that size); labels = source index.
 Everything is held as one N×C×H×W uint8 tensor so
 training code batches by slicing on the device, with no DataLoader.
 """
@@ -64,9 +66,16 @@ _IDX = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "notmnist": "notMNIST
 _TV = {"emnist_letters": "EMNIST/raw", "kmnist": "KMNIST/raw", "cifar10": "cifar-10-batches-py", "svhn": "svhn"}
 _SYNTH = ("gaussian_noise", "uniform_noise", "constant", "blobs")
 _NAMES = sorted([*_IDX, *_TV, *_SYNTH, "omniglot", "overall"])
-_MODS = ("labels", "n", "channels", "size", "brightness")
-OVERALL = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant")  # paper 004 §5.1
-OVERALL_OPTIONAL = ("kmnist", "cifar10[channels=1,size=28]", "svhn[channels=1,size=28]")  # when on disk
+_MODS = ("labels", "n", "channels", "size", "brightness", "mix")
+MIXES = ("paper", "equal")
+# Paper 004 §5.1, Fashion-MNIST: 1,000 images of each of MNIST, KMNIST, NotMNIST, Omniglot, SVHN,
+# CelebA, LSUN, CIFAR-10 (natural, 8 sets), noise (uniform pixels, its Fig. 7b) and constant.
+# CelebA and LSUN have no loader here; KMNIST, SVHN and CIFAR-10 join where on disk (or downloadable).
+OVERALL_REQUIRED = ("mnist", "notmnist", "omniglot")
+OVERALL_OPTIONAL = ("kmnist", "svhn[channels=1]", "cifar10[channels=1]")
+OVERALL_PAPER_NATURAL = 8  # natural sets in the paper's mix: they fill 8 of its 10 shares
+OVERALL_SYNTH = ("uniform_noise", "constant")  # the paper's noise and constant sets, one share each
+OVERALL_EQUAL_SYNTH = ("gaussian_noise", "uniform_noise", "constant")  # mix=equal: every offline noise set
 OVERALL_EACH = 1000
 _SYNTH_N = 10_000
 HOLDOUT_SEED = 12345  # fixed, not the trial seed: every trial of a study validates on the same images
@@ -151,6 +160,10 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
             raise DataError(f"bad value brightness={raw['brightness']!r}: must be a number") from None
         if not 0 <= mods["brightness"] <= 100:
             raise DataError(f"bad value brightness={raw['brightness']!r}: must be in [0, 100]")
+    if "mix" in raw:
+        if raw["mix"] not in MIXES:
+            raise DataError(f"bad value mix={raw['mix']!r}: must be one of {', '.join(MIXES)}")
+        mods["mix"] = raw["mix"]
     if spec.startswith("npz:"):
         if not spec[4:]:
             raise DataError("npz spec needs a path: npz:/path/to/file.npz")
@@ -161,6 +174,8 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
         raise DataError(f"unknown dataset {spec!r}.{hint} Known: {', '.join(_NAMES)}, npz:PATH")
     if spec in (*_SYNTH, "overall") and "labels" in mods:
         raise DataError(f"{spec} has no labels, so labels= cannot be used")
+    if "mix" in mods and spec != "overall":
+        raise DataError(f"mix= applies to overall only, not {spec}")
     return spec, None, mods
 
 
@@ -183,7 +198,7 @@ def sources(spec: str) -> set[tuple[str, tuple[int, ...] | None]]:
     parts, ``npz:`` to its resolved path; n/channels/size/brightness do not change the source."""
     name, path, mods = _parse(spec)
     if name == "overall":
-        return set().union(*(sources(s) for s in (*OVERALL, *OVERALL_OPTIONAL)))
+        return set().union(*(sources(s) for s in (*OVERALL_REQUIRED, *OVERALL_OPTIONAL, *OVERALL_EQUAL_SYNTH)))
     return {(f"npz:{path.resolve()}" if path is not None else name, mods.get("labels"))}
 
 
@@ -195,10 +210,24 @@ def share_source(a: str, b: str) -> bool:
                for sa, la in sources(a) for sb, lb in sources(b))
 
 
+def base_name(spec: str) -> str:
+    """The registered name a spec starts from (``npz`` for ``npz:`` files), e.g. ``overall[size=32]`` -> ``overall``."""
+    return _parse(spec)[0]
+
+
 def takes_shape(spec: str) -> bool:
     """Whether ``spec`` is a synthetic set with no ``channels=``/``size=``, so ``at_shape`` may set them."""
     name, _, mods = _parse(spec)
     return name in _SYNTH and "channels" not in mods and "size" not in mods
+
+
+def at_size(spec: str, size: int) -> str:
+    """``spec`` built at ``size``×``size``: ``size=`` added unless given (synthetic sets and ``overall``'s
+    noise are then drawn at that size, natural images resized), e.g. ``constant`` -> ``constant[size=32]``."""
+    _, _, mods = _parse(spec)
+    if "size" in mods:
+        return spec
+    return f"{spec[:-1]},size={size}]" if spec.endswith("]") else f"{spec}[size={size}]"
 
 
 def at_shape(spec: str, shape: tuple[int, int, int]) -> str:
@@ -373,19 +402,53 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return torch.from_numpy(np.ascontiguousarray(x)), y
 
 
-def _load_overall(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper 004's "overall" set: OVERALL_EACH random images of each available OOD set, shuffled."""
-    xs, ys = [], []
-    for i, spec in enumerate((*OVERALL, *OVERALL_OPTIONAL)):
+def overall_counts(natural: int, mix: str = "paper", each: int = OVERALL_EACH) -> tuple[list[int], list[int]]:
+    """Images per part of ``overall`` given ``natural`` available natural sets: (per natural set, per synthetic set).
+
+    ``paper``: the paper's shares, noise and constant ``each`` images each (1/10 of the mix) and the
+    natural sets sharing the other 8·``each`` equally, however many of them are available, so an
+    offline mix weighs noise and constant as the paper's does. ``equal``: ``each`` of every available
+    set (``OVERALL_EQUAL_SYNTH``: three synthetic sets).
+    """
+    if natural < 1:
+        raise DataError("overall needs at least one natural OOD set")
+    if mix == "equal":
+        return [each] * natural, [each] * len(OVERALL_EQUAL_SYNTH)
+    total = OVERALL_PAPER_NATURAL * each
+    return [total // natural + (i < total % natural) for i in range(natural)], [each] * len(OVERALL_SYNTH)
+
+
+def _overall_natural(split: str, root: Path, size: int) -> list[tuple[int, torch.Tensor]]:
+    """(part index, images) of every available natural part of ``overall``; required ones must exist."""
+    out = []
+    for i, spec in enumerate((*OVERALL_REQUIRED, *OVERALL_OPTIONAL)):
         try:
-            x = load(spec, split, root).x
+            x = load(at_size(spec, size), split, root).x
         except DataError:
-            if spec in OVERALL:
+            if spec in OVERALL_REQUIRED:
                 raise
             continue  # optional sets join only where they are on disk (or downloadable)
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(i))[:OVERALL_EACH]]
-        xs.append(x)
-        ys.append(torch.full((len(x),), i, dtype=torch.int64))
+        out.append((i, x))
+    return out
+
+
+def _load_overall(split: str, root: Path, mix: str, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper 004's "overall" set (``overall_counts``), each part drawn at random without replacement,
+    shuffled; labels = part index (natural parts first, then the synthetic ones)."""
+    size = size or 28
+    natural = _overall_natural(split, root, size)
+    synth = OVERALL_SYNTH if mix == "paper" else OVERALL_EQUAL_SYNTH
+    n_nat, n_syn = overall_counts(len(natural), mix)
+    first_synth = len(OVERALL_REQUIRED) + len(OVERALL_OPTIONAL)
+    parts = [(i, x, n) for (i, x), n in zip(natural, n_nat)]
+    for j, (spec, n) in enumerate(zip(synth, n_syn)):
+        parts.append((first_synth + j, load(at_size(spec, size), split, root).x, n))
+    xs, ys = [], []
+    for i, x, n in parts:
+        if n > len(x):
+            raise DataError(f"overall: part {i} has {len(x)} {split} images, fewer than the {n} its share needs")
+        xs.append(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(i))[:n]])
+        ys.append(torch.full((n,), i, dtype=torch.int64))
     x, y = torch.cat(xs), torch.cat(ys)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     return x[order].contiguous(), y[order]
@@ -419,7 +482,7 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
     elif name == "omniglot":
         x, y = _load_omniglot(split, root)
     elif name == "overall":
-        x, y = _load_overall(split, root)
+        x, y = _load_overall(split, root, mods.get("mix", "paper"), mods.get("size"))
     else:
         x, y = _load_tv(name, split, root)
     if "labels" in mods:

@@ -8,13 +8,17 @@ The paper's VAE is trained ONCE, in the driver, and cached under ``<storage>/vae
                × L2 strength λ ∈ {0, 10} (each trial trains its background VAE, also cached)
 * ``rnd``    — RND perturbation ∈ {svd:22, svd:28, dct:22, dct:28, gb, random:0.2, random:0.3}
 
-Every trial scores the OOD sets of Table 2 that exist here, the "overall" mixed set and
-``--bright`` (MNIST) at brightness 0.2×…1.8× (paper §3.2, Table 1); Optuna's target is
-the validation AUROC of the family's score, and the brightness AUROC mean / std are logged.
+Every trial scores the OOD sets of Table 2 that exist here, the "overall" mixed set (the
+paper's proportions: noise and constant one tenth each) and ``--bright`` (MNIST) at brightness
+0.2×…1.8× (paper §3.2, Table 1); Optuna's target is the validation AUROC of the family's score,
+and the brightness AUROC mean / std are logged. Paper 004's FPR80 is ``fpr80_oodpos`` (share of
+ID images flagged at the threshold catching 80% of OOD). Defaults are the authors' setup: VAE
+100 epochs with horizontal flips and DCGAN initialisation, Fisher on 10,000 images.
 
     python studies/rose_perturbation.py --smoke                  # 2 trials; a few minutes on 2 CPU cores
     python studies/rose_perturbation.py --family lratio --epochs 30 --gpus-per-trial 0.25
     python studies/rose_perturbation.py --family rnd --resume
+    python studies/rose_perturbation.py --scores rose_diag,rose_ekfac,nll --fisher-n 10000 --seeds 3   # Tables 2, 5
 """
 
 import argparse
@@ -61,11 +65,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--scores", help="score every trial with these (comma list, no family search): rose_diag,rose_ekfac")
     g.add_argument("--arch", choices=("dcgan_bn", "plain"), default="dcgan_bn",
-                   help="dcgan_bn: Likelihood Regret's VAE (BatchNorm, separate heads; the authors'); plain: earlier")
-    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 instead of resizing (earlier choice)")
+                   help="dcgan_bn: Likelihood Regret's VAE (BatchNorm, separate heads; the authors'); "
+                        "plain: no BatchNorm, one fused head")
+    g.add_argument("--init", choices=("dcgan", "torch"), default="dcgan",
+                   help="VAE initialisation: dcgan N(0, 0.02) (the authors') or PyTorch's defaults")
+    g.add_argument("--no-hflip", action="store_true", help="train the VAE without random horizontal flips")
+    g.add_argument("--synth-native", action="store_true",
+                   help="draw noise/constant sets at 28×28 and resize them (default: drawn at 32×32, the authors')")
+    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 instead of resizing")
     g.add_argument("--rose-z", choices=("mean", "sample"), default="mean", help="latent in the ROSE gradient")
     g.add_argument("--damping", type=float, default=1e-8, help="Fisher damping (authors: 1e-8, absolute)")
-    g.add_argument("--damping-relative", action="store_true", help="damping × mean of F (earlier: with --damping 1e-3)")
+    g.add_argument("--damping-relative", action="store_true", help="damping × mean of F (e.g. with --damping 1e-3)")
 
 
 def build(args: argparse.Namespace) -> StudySpec:
@@ -88,6 +98,7 @@ def build(args: argparse.Namespace) -> StudySpec:
                  width=args.width, latent_dim=args.latent_dim, batch_size=args.batch_size, lr=args.lr,
                  vae_cache=str(Path(args.storage).resolve() / "vae_cache"), arch=args.arch, pad=args.pad,
                  resize=not args.pad, rose_z=args.rose_z, damping=args.damping, damping_relative=args.damping_relative,
+                 init=args.init, hflip=not args.no_hflip, synth_at_input=not args.synth_native,
                  **common_overrides(args))
     if args.fisher_n or args.smoke:
         fixed["fisher_n"] = args.fisher_n or 200

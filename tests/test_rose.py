@@ -34,7 +34,7 @@ def _ekfac_dense(u_a: torch.Tensor, u_b: torch.Tensor, sigma: torch.Tensor) -> t
 def _tiny(seed: int = 0, arch: str = "dcgan_bn") -> RoseVAE:
     """A small VAE in eval mode; BatchNorm's running statistics and γ, β are random so that BN matters."""
     torch.manual_seed(seed)
-    m = RoseVAE(RoseVAEConfig(width=4, latent_dim=3, arch=arch))
+    m = RoseVAE(RoseVAEConfig(width=4, latent_dim=3, arch=arch, init="torch"))  # O(1) gradients for the math
     with torch.no_grad():
         for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
             bn.running_mean.normal_(0, 0.1)
@@ -248,15 +248,35 @@ def test_brightness_and_overall_sets():
     bright = data.load("mnist[brightness=1.8]")
     assert bright.x.max() == 255 and torch.equal(bright.x, (m.x.float() * 1.8).round().clamp(max=255).to(torch.uint8))
     o = data.load("overall")
-    assert o.x.shape == (6000, 1, 28, 28) and o.y.bincount().tolist() == [1000] * 6
+    # the paper's shares: noise and constant 1,000 each of 10,000; the 3 offline natural sets share 8,000
+    counts = o.y.bincount(minlength=8).tolist()
+    assert o.x.shape == (10000, 1, 28, 28) and counts == [2667, 2667, 2666, 0, 0, 0, 1000, 1000]
     assert len(set(o.y[:60].tolist())) >= 5  # shuffled: the first images come from many sets
     first_mnist = o.x[o.y == 0][0]
     assert (m.x == first_mnist).flatten(1).all(1).any()  # the mnist part holds real MNIST test images
-    assert data.load("overall[channels=3,size=32]").x.shape == (6000, 3, 32, 32)
+    noise = o.x[o.y == 6].float()
+    assert abs(noise.mean().item() - 127.5) < 2 and noise.std().item() > 70  # uniform pixels, not Gaussian
+    big = data.load("overall[size=32]")
+    assert big.x.shape == (10000, 1, 32, 32) and torch.equal(big.y, o.y)
+    big_noise = big.x[big.y == 6].float()  # drawn at 32×32: as rough as at 28, not interpolated
+    assert (big_noise[..., 1:] - big_noise[..., :-1]).abs().mean() > 80
+    equal = data.load("overall[mix=equal]")
+    assert equal.x.shape == (6000, 1, 28, 28) and equal.y.bincount().tolist() == [1000] * 3 + [0] * 3 + [1000] * 3
+    assert data.load("overall[channels=3,size=32]").x.shape == (10000, 3, 32, 32)
     assert torch.equal(data.load("overall").x, o.x)  # deterministic
-    for bad, match in (("mnist[brightness=x]", "brightness"), ("overall[labels=1]", "labels")):
+    for bad, match in (("mnist[brightness=x]", "brightness"), ("overall[labels=1]", "labels"),
+                       ("overall[mix=half]", "mix"), ("mnist[mix=paper]", "overall only")):
         with pytest.raises(data.DataError, match=match):
             data.load(bad)
+
+
+def test_overall_counts_keep_the_papers_noise_share():
+    assert data.overall_counts(8) == ([1000] * 8, [1000, 1000])  # the paper's ten sets
+    nat, syn = data.overall_counts(3)
+    assert sum(nat) == 8000 and syn == [1000, 1000] and max(nat) - min(nat) <= 1
+    assert data.overall_counts(3, "equal") == ([1000] * 3, [1000] * 3)
+    with pytest.raises(data.DataError, match="natural"):
+        data.overall_counts(0)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -265,6 +285,7 @@ def test_brightness_and_overall_sets():
     (dict(lratio_mu=0.0), "lratio_mu"), (dict(lratio_perturbation="svd:28", lratio_mu=0.2), "lratio_mu"),
     (dict(fisher_n=1), "fisher_n"), (dict(ood="mnist[brightness=-1]"), "brightness"),
     (dict(pad=True), "exclusive"), (dict(arch="resnet"), "arch"), (dict(rose_z="median"), "rose_z"),
+    (dict(init="xavier"), "init"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -275,8 +296,9 @@ def test_trial_trains_once_and_scores_many(tmp_path):
     base = dict(method="rose", train_n=128, test_n=32, epochs=1, width=4, latent_dim=3, fisher_n=32, iwae_k=2,
                 device="cpu", vae_cache=str(tmp_path), ood="mnist,omniglot")
     a = rose.Experiment(build_config({**base, "scores": "rose_diag,rose_ekfac,nll,ic_png"}))
-    assert len(list(tmp_path.glob("vae-*.pt"))) == 1
+    assert not list(tmp_path.glob("vae-*.pt"))  # building the trial trains nothing
     res = a.step()
+    assert len(list(tmp_path.glob("vae-*.pt"))) == 1 and not list(tmp_path.glob("*.partial.pt"))
     assert a.done and res.epoch == 1
     for o in ("mnist", "omniglot"):
         for s in ("rose_diag", "rose_ekfac", "nll", "ic_png"):
@@ -287,13 +309,50 @@ def test_trial_trains_once_and_scores_many(tmp_path):
         rtol=1e-5,
     )
     b = rose.Experiment(build_config({**base, "scores": "rose", "preconditioner": "diag"}))  # another trial, same VAE
+    res_b = b.step()
     assert len(list(tmp_path.glob("vae-*.pt"))) == 1
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q)
-    np.testing.assert_allclose(b.step().scores["mnist"]["rose"], res.scores["mnist"]["rose_diag"], rtol=1e-5)
+    np.testing.assert_allclose(res_b.scores["mnist"]["rose"], res.scores["mnist"]["rose_diag"], rtol=1e-5)
     torch.save(a.state_dict(), tmp_path / "s.pt")
-    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    assert b.epoch == 1
+    c = rose.Experiment(build_config({**base, "scores": "rose_diag"}))
+    c.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert c.epoch == 1 and c.done and c.trained
+
+
+def test_interrupted_vae_training_continues_from_its_last_epoch(tmp_path):
+    """A training killed after epoch 1 of 2 continues from the progress file to the same weights."""
+    x = _images(24, 3)
+    full = _tiny(3, "plain").train()
+    want = rose.train_vae(full, x, epochs=2, batch_size=8, lr=1e-2, seed=0, hflip=True)
+    progress = tmp_path / "p.partial.pt"
+    first = _tiny(3, "plain").train()
+    rose.train_vae(first, x, epochs=1, batch_size=8, lr=1e-2, seed=0, hflip=True, progress=progress)
+    resumed = _tiny(3, "plain").train()  # fresh weights: everything comes from the progress file
+    got = rose.train_vae(resumed, x, epochs=2, batch_size=8, lr=1e-2, seed=0, hflip=True, progress=progress)
+    assert got == pytest.approx(want, rel=1e-5)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_hflip_mirrors_about_half_of_the_images():
+    x = _images(400, 4)
+    out = rose.hflip_half(x, torch.Generator().manual_seed(0))
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    kept = (out == x).flatten(1).all(1)
+    assert bool((flipped | kept).all()) and 150 < int(flipped.sum()) < 250
+
+
+def test_dcgan_init_is_the_authors():
+    torch.manual_seed(0)
+    m = RoseVAE(RoseVAEConfig(width=16, latent_dim=8))
+    convs = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    w = torch.cat([c.weight.flatten() for c in convs])
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert all(b.bias.abs().max() == 0 for b in bns) and abs(torch.cat([b.weight for b in bns]).mean() - 1) < 0.01
+    plain = RoseVAE(RoseVAEConfig(width=16, latent_dim=8, init="torch"))
+    assert plain.body[0].weight.std() > 0.05  # PyTorch's kaiming-uniform, not 0.02
 
 
 @pytest.mark.slow
@@ -396,7 +455,22 @@ def test_resize_28_to_32_is_bilinear_like_torchvision(tmp_path):
     assert exp.train_x.shape[-2:] == (32, 32) and exp.test["mnist"].x.shape[-2:] == (32, 32)
     torch.testing.assert_close(exp.test["mnist"].x, data.resize(data.load("mnist").x[:16], 32))
     padded = rose.Experiment(build_config({**small, "resize": False, "pad": True, "arch": "plain"}))
-    assert padded.test["mnist"].x[:, :, :2].max() == 0  # the earlier choice: zero bands
+    assert padded.test["mnist"].x[:, :, :2].max() == 0  # zero bands
+
+
+def test_noise_and_constant_are_drawn_at_the_vaes_input_size():
+    small = dict(method="rose", train_n=64, test_n=16, epochs=1, width=4, latent_dim=3, scores="nll", iwae_k=1,
+                 device="cpu", ood="uniform_noise,constant,overall,mnist", val_ood="blobs")
+    cfg = build_config(small)
+    assert rose.input_sized_specs(cfg, 1) == {"uniform_noise": "uniform_noise[channels=1,size=32]",
+                                              "constant": "constant[channels=1,size=32]",
+                                              "overall": "overall[size=32]", "val_blobs": "blobs[channels=1,size=32]"}
+    exp = rose.Experiment(cfg)
+    torch.testing.assert_close(exp.test["uniform_noise"].x, data.load("uniform_noise[size=32]").x[:16])
+    assert len(exp.test["overall"]) == 16 and exp.eval_sets["val_blobs"].x.shape == (16, 1, 32, 32)
+    native = rose.Experiment(build_config({**small, "synth_at_input": False}))
+    torch.testing.assert_close(native.test["constant"].x, data.resize(data.load("constant").x[:16], 32))
+    assert rose.input_sized_specs(build_config({**small, "synth_at_input": False}), 1) == {}
 
 
 def test_rows_per_pass_fits_the_device():

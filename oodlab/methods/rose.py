@@ -12,8 +12,14 @@ For each encoder conv layer l with weights θ^l and s(x) = ∇_θl log p(x|θ) (
 Per-sample gradients are batched: one forward/backward of the summed loss gives every
 conv's input h and output gradient δ per image, and G_n = Σ_t δ_{n,t} h_{n,t}ᵀ
 (the "hooks" method, no Python loop over images). The trial (``Experiment``) trains the
-paper's VAE once (cached on disk by its training config) and then computes every score
-named in ``scores``: ROSE and the baselines of ``oodlab.methods.likelihood_baselines``.
+paper's VAE once (cached on disk by its training config, checkpointed every epoch so an
+interrupted training continues) and then computes every score named in ``scores``: ROSE and
+the baselines of ``oodlab.methods.likelihood_baselines``.
+
+Defaults are the authors' setup (github.com/shinypond/ood_detection): 32×32 inputs, the VAE
+trained 100 epochs with horizontal flips and DCGAN initialisation, the Fisher fitted on 10,000
+ID training images, noise and constant OOD images drawn at 32×32, and the "overall" set in the
+paper's proportions (``oodlab.data.overall_counts``).
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from oodlab import data
-from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, evaluation_table, require, set_key
+from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, evaluation_table, require, score_key, set_key
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import likelihood_baselines as lb
-from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
+from oodlab.models.rose_vae import INITS, RoseVAE, RoseVAEConfig, elbo
 from oodlab.vae_math import kl_to_normal, reparameterize
 
 PRECONDITIONERS = ("diag", "ekfac")
@@ -191,9 +197,51 @@ def rose_scores(
 # ---------------------------------------------------------------- training (cached)
 
 
+def hflip_half(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability ½ (torchvision's ``RandomHorizontalFlip(0.5)``)."""
+    flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _load_progress(path: Path | None, model: RoseVAE, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.StepLR, gen: torch.Generator) -> list[float]:
+    """Restore a training checkpoint written by ``_save_progress``; returns its loss history ([] if none)."""
+    if path is None or not path.is_file():
+        return []
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    log.info("VAE training continues after epoch %d from %s", len(state["history"]), path)
+    return [float(v) for v in state["history"]]
+
+
+def _save_progress(path: Path | None, model: RoseVAE, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.StepLR, gen: torch.Generator, history: list[float]) -> None:
+    if path is None:
+        return
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": gen.get_state(), "history": torch.tensor(history, dtype=torch.float64)}
+    atomic_save(state, path)
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file and a rename: a concurrent reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int,
-              perturb: str | None = None, l2: float = 0.0) -> list[float]:
+              perturb: str | None = None, l2: float = 0.0, hflip: bool = False,
+              progress: Path | None = None) -> list[float]:
     """Adam, lr halved every 30 epochs (App. B.1); ``perturb``/``l2`` make LRatio's background model.
+
+    ``hflip``: each training image mirrored with probability ½ (the authors' ``augment='hflip'``
+    VAEs). ``progress``: a file holding model, optimiser, schedule and RNG after every epoch; a
+    training that finds it continues from there (a killed 100-epoch run loses one epoch at most).
 
     The loss per batch is the mean −ELBO per image in nats/dim, plus λ‖θ‖² with λ = ``l2`` as is
     (Ren et al.'s L2 coefficient, paper 004 App. B.3: λ ∈ {0, 10}; not divided by the set size).
@@ -209,11 +257,13 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
     gen = torch.Generator().manual_seed(seed)
     dev = x_u8.device
     micro = batch_size if model.has_bn else model.rows_per_pass(dev)
-    history = []
-    for epoch in range(epochs):
+    history = _load_progress(progress, model, opt, sched, gen)
+    for epoch in range(len(history), epochs):
         t0, tot, nb = time.perf_counter(), torch.zeros((), device=dev), 0
         for idx in data.batch_indices(len(x_u8), batch_size, shuffle=True, generator=gen, device=dev):
             xb = x_u8[idx]
+            if hflip:
+                xb = hflip_half(xb, gen)
             if perturb:
                 xb = lb.perturb(xb, perturb, gen)
             x = data.to_float(xb)
@@ -234,6 +284,7 @@ def train_vae(model: RoseVAE, x_u8: torch.Tensor, epochs: int, batch_size: int, 
         log.info("VAE epoch %d/%d: %.4f nats/dim, %.0f s", epoch + 1, epochs, history[-1], time.perf_counter() - t0)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"VAE loss became {history[-1]}; try a smaller lr")
+        _save_progress(progress, model, opt, sched, gen, history)
     model.eval()
     return history
 
@@ -255,27 +306,44 @@ def ensure_vae(cfg: Config, x_u8: torch.Tensor, device: torch.device, perturb: s
         x_u8 = data.resize(x_u8, 32)
     c, h, w = x_u8.shape[1:]
     vcfg = cfg.vae_config((c, h, w))
-    key = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=len(x_u8), pad=cfg.pad, epochs=cfg.epochs,
-               batch_size=cfg.batch_size,
-               lr=cfg.lr, seed=cfg.seed, width=cfg.width, latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
-    if cfg.arch != "plain" or cfg.resize:  # new fields enter the key only off their old values: old caches stay valid
-        key.update(arch=cfg.arch, resize=cfg.resize)
-    if l2 > 0:  # λ‖θ‖² unscaled since 2026-12-02 (before: λ‖θ‖²/N): a different background model
-        key["l2_scale"] = "none"
-    path = _cache_file(cfg.vae_cache, key)
-    torch.manual_seed(cfg.seed + (0 if perturb is None else 1))
-    model = RoseVAE(vcfg).to(device)
+    path = _cache_file(cfg.vae_cache, vae_key(cfg, len(x_u8), perturb, l2))
+    model = new_vae(cfg, vcfg, device, perturb)
     if path is not None and path.is_file():
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         return model.eval(), list(state["history"])
-    history = train_vae(model, x_u8, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, perturb, l2)
+    progress = None if path is None else path.with_suffix(".partial.pt")
+    history = train_vae(model, x_u8, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, perturb, l2, cfg.hflip, progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"model": model.state_dict(), "history": history, "key": json.dumps(key)}, tmp)
-        tmp.replace(path)  # atomic: concurrent trials never read half a file
+        atomic_save({"model": model.state_dict(), "history": history,
+                     "key": json.dumps(vae_key(cfg, len(x_u8), perturb, l2))}, path)
+        assert progress is not None
+        progress.unlink(missing_ok=True)
     return model.eval(), history
+
+
+def vae_key(cfg: Config, n: int, perturb: str | None, l2: float) -> dict[str, Any]:
+    """What names one trained VAE in the cache. Fields enter the key only away from their neutral value
+    (plain arch, no resize, no flips, PyTorch's init, no L2), so a key written without them still names
+    the same training."""
+    key: dict[str, Any] = dict(id=cfg.id, val_n=cfg.val_n, train_n=cfg.train_n, n=n, pad=cfg.pad, epochs=cfg.epochs,
+                               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, width=cfg.width,
+                               latent_dim=cfg.latent_dim, perturb=perturb, l2=l2)
+    if cfg.arch != "plain" or cfg.resize:
+        key.update(arch=cfg.arch, resize=cfg.resize)
+    if l2 > 0:  # λ‖θ‖² as is, not divided by the set size
+        key["l2_scale"] = "none"
+    if cfg.hflip:
+        key["hflip"] = True
+    if cfg.init != "torch":
+        key["init"] = cfg.init
+    return key
+
+
+def new_vae(cfg: Config, vcfg: RoseVAEConfig, device: torch.device, perturb: str | None = None) -> RoseVAE:
+    """The untrained VAE of a config, its initial weights drawn from seed ``cfg.seed`` (+1 for LRatio's background)."""
+    torch.manual_seed(cfg.seed + (0 if perturb is None else 1))
+    return RoseVAE(vcfg).to(device)
 
 
 # ---------------------------------------------------------------- the trial
@@ -286,22 +354,27 @@ class Config(TrialConfig):
     method: str = "rose"
     ood: tuple[str, ...] = ("mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise", "constant", "overall")
     val_ood: tuple[str, ...] = ("blobs",)  # every other offline set is a test set (or part of "overall")
-    pad: bool = False  # zero-pad 28×28 to 32×32 (the earlier choice; needs resize=False)
+    pad: bool = False  # zero-pad 28×28 to 32×32 (needs resize=False)
     resize: bool = True  # resize 28×28 sets to 32×32, bilinear (the authors' transforms.Resize(32); paper App. B)
+    synth_at_input: bool = True  # noise / constant / blobs (and overall's) drawn at 32×32, as the authors
+    # draw them; False: drawn at the ID set's 28×28 and resized with the natural sets
     epochs: int = 100  # VAE training epochs (paper: 100)
+    hflip: bool = True  # mirror each training image with probability ½ (the authors' augment='hflip' VAEs)
     batch_size: int = 64  # paper: 64
     lr: float = 1e-3  # Adam, halved every 30 epochs (paper)
     # --- model ---
     width: int = 32  # n, first conv channels (paper: 32 FMNIST, 64 CIFAR-10)
     latent_dim: int = 100  # paper: 100 FMNIST, 200 CIFAR-10
     arch: str = "dcgan_bn"  # dcgan_bn: Likelihood Regret's DCGAN VAE (BatchNorm, separate μ / log σ² heads) | plain
+    init: str = "dcgan"  # dcgan: N(0, 0.02) weights, BN γ ~ N(1, 0.02) (the authors' weights_init) | torch
     vae_cache: str = ""  # folder of trained VAEs keyed by training config ("" = train in memory)
     # --- scores (every one higher = more OOD) ---
     scores: tuple[str, ...] = ("rose_diag", "rose_ekfac", "nll")  # names from SCORES; "rose" uses `preconditioner`
     preconditioner: str = "ekfac"  # for the score "rose": "diag" | "ekfac"
-    fisher_n: int = 1000  # ID training images the Fisher and z-scores are fitted on (paper Fig. 5: 10…10K)
+    fisher_n: int = 10000  # ID training images the Fisher and z-scores are fitted on (authors: 10,000;
+    # paper Fig. 5 varies it over 10…10K); at most the training set
     damping: float = 1e-8  # added to the Fisher's diagonal / eigenvalues (the authors' code: 1e-8, absolute)
-    damping_relative: bool = False  # True: damping × the mean of F / Σ (the earlier choice, with damping 1e-3)
+    damping_relative: bool = False  # True: damping × the mean of F / Σ (e.g. with damping 1e-3)
     rose_z: str = "mean"  # latent in the ROSE gradient: mean (z = μ, the authors' num_samples = 1) | sample
     grad_batch: int | None = None  # images per per-sample-gradient pass (None: the device's best; 8 on CPU)
     iwae_k: int = 20  # IWAE samples for NLL, LR, LRatio, IC (paper: 20)
@@ -328,6 +401,7 @@ class Config(TrialConfig):
             (self.fisher_n >= 2, f"fisher_n must be >= 2, got {self.fisher_n}"),
             (self.damping >= 0, f"damping must be >= 0, got {self.damping}"),
             (self.arch in ("dcgan_bn", "plain"), f"arch must be dcgan_bn or plain, got {self.arch!r}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
             (not (self.pad and self.resize), "pad and resize are exclusive: set resize=False to zero-pad"),
             (self.rose_z in ("mean", "sample"), f"rose_z must be mean or sample, got {self.rose_z!r}"),
             (self.grad_batch is None or self.grad_batch >= 1, f"grad_batch must be >= 1, got {self.grad_batch}"),
@@ -355,7 +429,8 @@ class Config(TrialConfig):
         """The paper's VAE for ID images of this (C, H, W); ConfigError when it does not fit them."""
         c, h, _ = shape
         try:
-            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim, arch=self.arch)
+            return RoseVAEConfig(channels=c, size=h, width=self.width, latent_dim=self.latent_dim, arch=self.arch,
+                                 init=self.init)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -383,8 +458,28 @@ class Config(TrialConfig):
         return super().metric_names() + extra
 
 
+def input_sized_specs(cfg: Config, channels: int) -> dict[str, str]:
+    """Eval-set key -> spec drawn at the VAE's 32×32 input, for every set that is drawn rather than
+    loaded: synthetic test and validation sets without ``size=``, and ``overall`` (its noise and
+    constant parts). Empty unless ``cfg.resize`` and ``cfg.synth_at_input``."""
+    if not (cfg.resize and cfg.synth_at_input):
+        return {}
+    out = {}
+    for split, specs in (("test", cfg.ood), ("val", cfg.val_ood)):
+        for spec in specs:
+            if data.takes_shape(spec):
+                out[score_key(spec, split)] = data.at_shape(spec, (channels, 32, 32))
+            elif data.base_name(spec) == "overall":
+                out[score_key(spec, split)] = data.at_size(spec, 32)
+    return out
+
+
 class Experiment(BaseExperiment[Config]):
-    """Train (or load) the paper's VAE once, then score every test set with the configured scores."""
+    """The paper's VAE (trained, or loaded from the cache, in the one training step), then every score.
+
+    ``__init__`` loads the sets and builds the untrained VAE; ``train_epoch`` trains or loads it;
+    ``score`` runs the named scoring steps (``score_rose``, ``score_likelihoods``, ``score_lr``,
+    ``score_rnd``), each filling its scores into the per-set table."""
 
     cfg: Config
 
@@ -393,17 +488,26 @@ class Experiment(BaseExperiment[Config]):
         if cfg.resize:
             self.train_x = data.resize(self.train_x, 32)
             self.eval_sets = {k: replace(s, x=data.resize(s.x, 32)) for k, s in self.eval_sets.items()}
+            for key, spec in input_sized_specs(cfg, self.train_x.shape[1]).items():
+                s = data.load(spec, "test", device=self.device)
+                self.eval_sets[key] = replace(s, x=s.x[: cfg.test_n], y=None if s.y is None else s.y[: cfg.test_n])
             self.test = {k: self.eval_sets[k] for k in self.test}
-        t0 = time.perf_counter()
-        try:
-            self.model, self.history = ensure_vae(cfg, self.train_x, self.device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.train_s = time.perf_counter() - t0
-        self.epoch = cfg.epochs - 1  # training is done (or cached): the one remaining step scores
+        c, h, w = self.train_x.shape[1:]
+        self.model = new_vae(cfg, cfg.vae_config((c, h, w)), self.device)
+        self.trained = False
+        self.history: list[float] = []
+        self.train_s = 0.0
+        self.epoch = cfg.epochs - 1  # the VAE trains (or loads) in one step; the step's evaluation scores
         self.timings: dict[str, float] = {}
 
     def train_epoch(self) -> dict[str, float]:
+        if not self.trained:
+            t0 = time.perf_counter()
+            try:
+                self.model, self.history = ensure_vae(self.cfg, self.train_x, self.device)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            self.train_s, self.trained = time.perf_counter() - t0, True
         return {"loss": self.history[-1], "train_s": self.train_s}
 
     def _eps(self, n: int, salt: int, *shape: int) -> torch.Tensor:
@@ -415,55 +519,82 @@ class Experiment(BaseExperiment[Config]):
         eps = self._eps(n, salt)
         return torch.zeros_like(eps) if self.cfg.rose_z == "mean" else eps
 
-    def score(self) -> Scores:
-        cfg, model = self.cfg, self.model
-        out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.eval_sets}
-        kinds = sorted({s.removeprefix("rose_") for s in cfg.scores if s.startswith("rose_")}
-                       | ({cfg.preconditioner} if "rose" in cfg.scores else set()))
-        if kinds:
-            t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(cfg.seed + 7)
-            order = torch.randperm(len(self.train_x), generator=gen)[: cfg.fisher_n]
-            fx = self.train_x[order.to(self.device)]
-            fits = fit_rose(model, fx, self._rose_eps(len(fx), 1), tuple(kinds), cfg.grad_batch, cfg.damping,
-                            cfg.damping_relative)
-            self.timings["rose_fit_s"] = time.perf_counter() - t0
-            t0, n = time.perf_counter(), 0
-            for name, s in self.eval_sets.items():
-                r = rose_scores(model, s.x, self._rose_eps(len(s), 2), fits, cfg.grad_batch)
-                n += len(s)
-                for k, v in r.items():
-                    if f"rose_{k}" in cfg.scores:
-                        out[name][f"rose_{k}"] = v
-                    if "rose" in cfg.scores and k == cfg.preconditioner:
-                        out[name]["rose"] = v
-            self.timings["rose_img_per_s"] = n / (time.perf_counter() - t0)
-        need_nll = {"nll", "lratio", "ic_png", "ic_jp2"} & set(cfg.scores)
+    def rose_kinds(self) -> tuple[str, ...]:
+        """Preconditioners the configured scores need: ``rose_diag``/``rose_ekfac`` and ``rose``'s."""
+        cfg = self.cfg
+        kinds = {s.removeprefix("rose_") for s in cfg.scores if s.startswith("rose_")}
+        return tuple(sorted(kinds | ({cfg.preconditioner} if "rose" in cfg.scores else set())))
+
+    def fisher_images(self) -> torch.Tensor:
+        """``fisher_n`` ID training images drawn without replacement (seed + 7), uint8 on the device."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7)
+        order = torch.randperm(len(self.train_x), generator=gen)[: self.cfg.fisher_n]
+        return self.train_x[order.to(self.device)]
+
+    def score_rose(self, out: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Fit every needed preconditioner on ``fisher_images`` (Algorithm 1), then ROSE of every set."""
+        cfg, kinds = self.cfg, self.rose_kinds()
+        if not kinds:
+            return
+        t0 = time.perf_counter()
+        fx = self.fisher_images()
+        fits = fit_rose(self.model, fx, self._rose_eps(len(fx), 1), kinds, cfg.grad_batch, cfg.damping,
+                        cfg.damping_relative)
+        self.timings["rose_fit_s"] = time.perf_counter() - t0
+        t0, n = time.perf_counter(), 0
+        for name, s in self.eval_sets.items():
+            r = rose_scores(self.model, s.x, self._rose_eps(len(s), 2), fits, cfg.grad_batch)
+            n += len(s)
+            for k, v in r.items():
+                if f"rose_{k}" in cfg.scores:
+                    out[name][f"rose_{k}"] = v
+                if "rose" in cfg.scores and k == cfg.preconditioner:
+                    out[name]["rose"] = v
+        self.timings["rose_img_per_s"] = n / (time.perf_counter() - t0)
+
+    def score_likelihoods(self, out: dict[str, dict[str, torch.Tensor]]) -> None:
+        """IWAE NLL in bits/dim and the scores built on it: LRatio (− log-likelihood ratio to a
+        background VAE) and Input Complexity (NLL − compressed bits/dim)."""
+        cfg = self.cfg
+        if not {"nll", "lratio", "ic_png", "ic_jp2"} & set(cfg.scores):
+            return
         bg = None
         if "lratio" in cfg.scores:
             bg, _ = ensure_vae(cfg, self.train_x, self.device, perturb=cfg.lratio_background, l2=cfg.lratio_l2)
-        rnd = None
-        if "rnd" in cfg.scores:
-            rnd = lb.train_rnd(self.train_x, cfg.rnd_perturbation, cfg.rnd_epochs, cfg.batch_size, cfg.seed)
         for name, s in self.eval_sets.items():
-            x = s.x
-            if need_nll:
-                eps = self._eps(len(x), 3, cfg.iwae_k)
-                nll = lb.iwae_bpd(model, x, eps)  # (N,) bits/dim
-                if "nll" in cfg.scores:
-                    out[name]["nll"] = nll
-                if bg is not None:
-                    out[name]["lratio"] = nll - lb.iwae_bpd(bg, x, eps)  # −LLR in bits/dim
-                for codec in ("png", "jp2"):
-                    if f"ic_{codec}" in cfg.scores:
-                        out[name][f"ic_{codec}"] = nll - lb.complexity_bpd(x, codec).to(nll.device)
-            if "lr" in cfg.scores:
-                xs = x[: cfg.lr_n] if cfg.lr_n else x
-                out[name]["lr"] = lb.likelihood_regret_batched(
-                    model, xs, self._eps(len(xs), 4, cfg.lr_steps), self._eps(len(xs), 5, cfg.iwae_k),
-                    lr=cfg.lr_lr)
-            if rnd is not None:
-                out[name]["rnd"] = lb.rnd_score(rnd, x)
+            eps = self._eps(len(s), 3, cfg.iwae_k)
+            nll = lb.iwae_bpd(self.model, s.x, eps)  # (N,) bits/dim
+            if "nll" in cfg.scores:
+                out[name]["nll"] = nll
+            if bg is not None:
+                out[name]["lratio"] = nll - lb.iwae_bpd(bg, s.x, eps)  # −LLR in bits/dim
+            for codec in ("png", "jp2"):
+                if f"ic_{codec}" in cfg.scores:
+                    out[name][f"ic_{codec}"] = nll - lb.complexity_bpd(s.x, codec).to(nll.device)
+
+    def score_lr(self, out: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Likelihood Regret of the first ``lr_n`` images of every set (all with ``lr_n`` None)."""
+        cfg = self.cfg
+        if "lr" not in cfg.scores:
+            return
+        for name, s in self.eval_sets.items():
+            xs = s.x[: cfg.lr_n] if cfg.lr_n else s.x
+            out[name]["lr"] = lb.likelihood_regret_batched(
+                self.model, xs, self._eps(len(xs), 4, cfg.lr_steps), self._eps(len(xs), 5, cfg.iwae_k), lr=cfg.lr_lr)
+
+    def score_rnd(self, out: dict[str, dict[str, torch.Tensor]]) -> None:
+        """RND: a predictor trained on the ID images and their perturbation; its distance to the target net."""
+        cfg = self.cfg
+        if "rnd" not in cfg.scores:
+            return
+        rnd = lb.train_rnd(self.train_x, cfg.rnd_perturbation, cfg.rnd_epochs, cfg.batch_size, cfg.seed)
+        for name, s in self.eval_sets.items():
+            out[name]["rnd"] = lb.rnd_score(rnd, s.x)
+
+    def score(self) -> Scores:
+        out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.eval_sets}
+        for step in (self.score_rose, self.score_likelihoods, self.score_lr, self.score_rnd):
+            step(out)
         return {name: {k: v.detach().cpu().numpy().astype(np.float64) for k, v in d.items()} for name, d in out.items()}
 
     def evaluate(self) -> tuple[dict[str, float], Scores]:
@@ -487,6 +618,8 @@ class Experiment(BaseExperiment[Config]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        self.model.eval()
         self.epoch = int(state["epoch"])
         self.history = [float(v) for v in state["history"]]
+        self.trained = True
 

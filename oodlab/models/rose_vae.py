@@ -7,8 +7,11 @@ n, 2n, 4n, each followed by BatchNorm and ReLU, then two separate 4×4 head conv
 for μ and log σ² (the paper's "last two layers encode a mean and variance"); decoder
 transposed convs 4n, 2n, n, each with BatchNorm and ReLU, and a final bias-free transposed conv
 to 256 logits per pixel and channel (a 256-way categorical, ``likelihoods.categorical256``).
-``arch="plain"`` is the earlier reading: no BatchNorm, one fused bias-free (μ, log σ²) head.
+``arch="plain"`` has no BatchNorm and one fused bias-free (μ, log σ²) head.
 n = 32 and latent 100 for Fashion-MNIST (``width``, ``latent_dim``); inputs are 32×32.
+``init="dcgan"`` (default) is the authors' ``weights_init`` (``train_VAE_pixel.py``): every conv
+and transposed-conv weight ~ N(0, 0.02), BatchNorm γ ~ N(1, 0.02) and β = 0, conv biases left at
+PyTorch's default; ``init="torch"`` keeps PyTorch's default initialisation throughout.
 
 BatchNorm couples the images of a batch in train mode, so everything that needs per-image
 quantities (ROSE's per-sample gradients, IWAE, Likelihood Regret's encoder copies) runs the
@@ -31,6 +34,7 @@ from oodlab.models import likelihoods
 from oodlab.vae_math import clamp_logvar, gaussian_stats, kl_to_normal, reparameterize
 
 ARCHS = ("dcgan_bn", "plain")
+INITS = ("dcgan", "torch")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class RoseVAEConfig:
     width: int = 32  # n: first conv's channels, doubled per layer (paper: 32 FMNIST, 64 CIFAR-10)
     latent_dim: int = 100  # paper: 100 FMNIST, 200 CIFAR-10
     arch: str = "dcgan_bn"  # dcgan_bn (Likelihood Regret's, BatchNorm + separate heads) | plain
+    init: str = "dcgan"  # dcgan: N(0, 0.02) conv weights, BN γ ~ N(1, 0.02) (the authors') | torch: PyTorch's
 
     def __post_init__(self) -> None:
         if self.size != 32:
@@ -48,10 +53,24 @@ class RoseVAEConfig:
             raise ValueError(f"width and latent_dim must be >= 1, got {self.width}, {self.latent_dim}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
 
 def _norm(c: int, bn: bool) -> nn.Module:
     return nn.BatchNorm2d(c) if bn else nn.Identity()
+
+
+@torch.no_grad()
+def dcgan_init(model: nn.Module, std: float = 0.02) -> None:
+    """DCGAN initialisation (Radford et al. 2016; the authors' ``weights_init``), drawn from torch's
+    global RNG: conv / transposed-conv weights ~ N(0, std), BatchNorm γ ~ N(1, std), β = 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.weight.normal_(0.0, std)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.normal_(1.0, std)
+            m.bias.zero_()
 
 
 class RoseVAE(nn.Module):
@@ -80,6 +99,8 @@ class RoseVAE(nn.Module):
             nn.ConvTranspose2d(2 * n, n, 4, 2, 1, bias=False), _norm(n, bn), nn.ReLU(),  # (B, n, 16, 16)
             nn.ConvTranspose2d(n, 256 * c, 4, 2, 1, bias=not bn),  # (B, 256·C, 32, 32) logits
         )
+        if cfg.init == "dcgan":
+            dcgan_init(self)
 
     @property
     def convs(self) -> list[nn.Conv2d]:
