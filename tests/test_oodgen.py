@@ -13,7 +13,8 @@ from scipy.stats import chi2
 
 from oodlab.experiment import ConfigError
 from oodlab.methods import classifier_baselines as cb
-from oodlab.methods import oodgen as og
+from oodlab.methods import oodgen
+from oodlab.methods import oodgen_samples as og
 from oodlab.models.classifier import Classifier
 from oodlab.models.cvae import CVAE, CVAEConfig
 from oodlab.registry import build_config, run_trial
@@ -281,6 +282,30 @@ def test_msp_mc_dropout_and_kl_to_uniform():
     assert (p.mean(0) - clf(xi).softmax(-1)).abs().max() < 0.05
 
 
+def test_classifier_is_the_authors_notebook_model():
+    """Keras: Conv(32, 3×3 valid), Conv(64, 3×3 valid), MaxPool(2), Dense(128) on 64·12·12 = 9,216 features."""
+    clf = Classifier(6)
+    convs = [m for m in clf.trunk if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size, m.padding) for m in convs] == [(32, (3, 3), (0, 0)), (64, (3, 3), (0, 0))]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in clf.trunk) == 1
+    assert clf.dense[2].in_features == 9216 and clf(torch.rand(2, 1, 28, 28)).shape == (2, 6)
+    assert Classifier(6, arch="pooled").dense[2].in_features == 3136
+
+
+def test_adadelta_has_keras_constants():
+    opt = oodgen.classifier_optimizer(build_config({"method": "oodgen"}), Classifier(3).parameters())
+    assert isinstance(opt, torch.optim.Adadelta)
+    assert (opt.defaults["rho"], opt.defaults["eps"], opt.defaults["lr"]) == (0.95, 1e-7, 0.1)
+
+
+def test_accuracy_counts_the_ood_class_as_an_error():
+    """Labels 0, 1, 2 of 3 ID classes; the (n+1) classifier predicts 0, OOD, 2 (class 1 second):
+    the paper's 4-way accuracy 2/3, the ID-only argmax 3/3."""
+    logits = torch.tensor([[5.0, 0, 0, 1], [0, 2, 0, 9], [0, 0, 3, 1]])
+    acc = oodgen.id_accuracies({"n1": logits, "plain": logits[:, :3]}, torch.tensor([0, 1, 2]), 3)
+    assert acc == pytest.approx({"acc_n1": 2 / 3, "acc_n1_among_id": 1.0, "acc_plain": 1.0})
+
+
 # ---------------------------------------------------------------- the trial
 
 def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
@@ -296,11 +321,12 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
         res.scores["id"]["n1_prob"].shape == (60,)
         and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
     )
-    assert {"acc_n1", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
+    assert {"acc_n1", "acc_n1_among_id", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
+    assert res.train["acc_n1"] <= res.train["acc_n1_among_id"]  # predicting the OOD class only adds errors
     assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
 
     small = build_config({**cfg, "baselines": False, "train_n": 200})
-    _, c = assert_resumes_exactly(lambda: og.Experiment(small), tmp_path,
+    _, c = assert_resumes_exactly(lambda: oodgen.Experiment(small), tmp_path,
                                   params=lambda e: [*e.cvae.parameters(), *e.clf["n1"].parameters()])
     c.write_artifacts(tmp_path)
     assert (tmp_path / "ood_samples.png").stat().st_size > 5000
@@ -312,6 +338,7 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
     (dict(ood_weight=-1.0), "ood_weight"), (dict(mc_samples=0), "mc_samples"),
     (dict(cvae_arch="vgg"), "cvae_arch"), (dict(type1_direction="x"), "type1_direction"),
     (dict(beta_sign="neg"), "beta_sign"), (dict(cvae_optimizer="sgd"), "cvae_optimizer"),
+    (dict(clf_arch="vgg"), "clf_arch"), (dict(adadelta_rho=1.0), "adadelta_rho"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):

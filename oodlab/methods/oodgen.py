@@ -1,43 +1,37 @@
 """OOD sample generation with a CVAE and an (n+1)-class classifier (Vernekar et al., paper 002).
 
 A conditional VAE learns the ID sub-manifolds (one per class). Two kinds of "effective"
-OOD samples are generated from it and fed to an (n+1)-class classifier as class n+1:
-
-* Type I (§3.1, Eq. 1–2): off the manifold. J(x) = ∂g(z, y)/∂z at z = μ(x, y) spans the
-  tangent space; a unit vector v in the left null space of J (normal bundle) moves the image
-  off it: x̃ = x ± β·v. Defaults follow the authors' notebook (sverneka/OODGen): v mixes the
-  rref null-space basis of Jᵀ (sympy ``Matrix.nullspace``, each vector unit-normalised) with
-  U(−1, 1) weights, β ~ U[0.1, 28], a random sign, x̃ clipped to [0, 1]. The paper's text
-  (``type1_direction="uniform"``, β ~ U[0.1, 1], ``beta_sign="positive"``, ``clip=False``) is
-  an option.
-* Type II (§3.2, Eq. 3–4): on the manifold, beyond the ID boundary. Per class, fit a
-  Gaussian (μ̂, Σ̂ = L Lᵀ) to the encoder means; r95 = Mahalanobis radius holding 95% of
-  the training latents; decode z = μ̂ + ρ·L·u, u uniform on the unit sphere,
-  ρ ~ U[r95, radius_factor·r95] (authors' notebook: 1.5; 1 = the text's ellipsoid surface).
+OOD samples are generated from it (Type I off the manifold, Type II on it beyond the 95%
+latent ellipsoid: ``oodlab.methods.oodgen_samples``) and fed to an (n+1)-class classifier
+as class n+1.
 
 The classifier is trained with cross-entropy, OOD samples weighted ``ood_weight``
-(paper: 0.1), Adadelta (paper: lr 0.1 for Fashion-MNIST); OOD score ``n1_prob`` =
-p(y = n+1 | x). The same trial can train the paper's baselines on a plain n-class
-classifier of the same architecture (``oodlab.methods.classifier_baselines``) and a
-confident classifier (Lee et al. 2018a: joint GAN + confidence loss, paper's Eq. 5).
+(paper: 0.1), Adadelta (paper: lr 0.1 for Fashion-MNIST; Keras' ρ = 0.95, ε = 1e-7, which
+the authors' notebook uses); OOD score ``n1_prob`` = p(y = n+1 | x). Its accuracy ``acc_n1``
+is the paper's: the argmax over all n+1 classes, so predicting the OOD class for an ID test
+image is an error; ``acc_n1_among_id`` takes the argmax over the n ID classes only. The
+same trial can train the paper's baselines on a plain n-class classifier of the same
+architecture (``oodlab.methods.classifier_baselines``) and a confident classifier (Lee et
+al. 2018a: joint GAN + confidence loss, paper's Eq. 5).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.func import jacfwd, jacrev, vmap
 
 from oodlab import data
 from oodlab.experiment import ConfigError, Scores, SetInfos, TrialConfig, descend, labels_of, require, score_sets
 from oodlab.experiment import Experiment as BaseExperiment
 from oodlab.methods import classifier_baselines as cb
-from oodlab.models.classifier import Classifier, Discriminator, Generator
+from oodlab.methods.oodgen_samples import LatentGaussians, Type1Spec, fit_latent_gaussians, type1, type2
+from oodlab.models.classifier import CLASSIFIER_ARCHS, Classifier, Discriminator, Generator
 from oodlab.models.cvae import CVAE, CVAEConfig
 
 OPTIMIZERS = ("adadelta", "adam", "sgd")
@@ -45,166 +39,6 @@ CVAE_OPTIMIZERS = ("rmsprop", "adam")
 DIRECTIONS = ("basis_mix", "uniform")
 SIGNS = ("random", "positive")
 FMNIST_OOD = ("fashion_mnist[labels=5-9]", "mnist", "notmnist", "omniglot", "gaussian_noise", "uniform_noise")
-
-
-# ---------------------------------------------------------------- Type I: off the manifold
-
-def decoder_jacobian(model: CVAE, z: torch.Tensor, y: torch.Tensor, mode: str = "fwd") -> torch.Tensor:
-    """J = ∂g(z, y)/∂z per sample (paper Eq. 1): (B, d) -> (B, D, d), D = C·H·W.
-
-    ``vmap`` over the batch of ``jacfwd`` (d JVPs, cheap when d ≪ D) or ``jacrev`` (D VJPs).
-    """
-    def g(z1: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:  # (d,), (K,) -> (D,)
-        return torch.sigmoid(model.decode_logits(z1[None], c1[None])).flatten()
-
-    jac = jacfwd if mode == "fwd" else jacrev
-    return vmap(jac(g), in_dims=(0, 0))(z, model.onehot(y))
-
-
-def normal_directions(jac: torch.Tensor, generator: torch.Generator | None = None, rtol: float = 1e-6) -> torch.Tensor:
-    """Random unit vectors in the left null space of each J (normal bundle): (B, D, d) -> (B, D).
-
-    Thin SVD J = U S Vᵀ; the columns of U with s > rtol·s_max span col(J); an isotropic
-    Gaussian r with its col(J) part removed, r − U Uᵀ r, is isotropic in null(Jᵀ), so its
-    direction is uniform on that subspace's unit sphere (a random combination of its basis).
-    """
-    u, s, _ = torch.linalg.svd(jac, full_matrices=False)  # u (B, D, d), s (B, d)
-    u = u * (s > rtol * s[:, :1]).unsqueeze(1)  # drop directions of numerical rank deficiency
-    r = torch.randn(jac.shape[:2], generator=generator, device=jac.device, dtype=jac.dtype)  # (B, D)
-    v = r - (u @ (u.transpose(1, 2) @ r.unsqueeze(-1))).squeeze(-1)
-    return v / v.norm(dim=1, keepdim=True)
-
-
-def rref_pivots(a: torch.Tensor, rtol: float = 1e-7) -> torch.Tensor:
-    """Pivot columns of the reduced row-echelon form of each A (B, d, D): (B, d) column indices.
-
-    Column j is a pivot when it is independent of the pivots left of it (residual after
-    projecting on their span > rtol·max column norm), the order sympy's ``rref`` picks them in.
-    Assumes each A has full row rank d.
-    """
-    b, d, n = a.shape
-    q = torch.zeros(b, d, d, dtype=a.dtype, device=a.device)  # orthonormal basis of the pivots' span
-    piv = torch.zeros(b, d, dtype=torch.long, device=a.device)
-    count = torch.zeros(b, dtype=torch.long, device=a.device)
-    tol = rtol * a.norm(dim=1).amax(1)
-    rows = torch.arange(b, device=a.device)
-    for j in range(n):
-        col = a[:, :, j]
-        res = col - (q @ (q.transpose(1, 2) @ col.unsqueeze(-1))).squeeze(-1)
-        take = (res.norm(dim=1) > tol) & (count < d)
-        if take.any():
-            r, k = rows[take], count[take]
-            q[r, :, k] = res[take] / res[take].norm(dim=1, keepdim=True)
-            piv[r, k] = j
-            count = count + take.long()
-        if bool((count == d).all()):
-            return piv
-    raise ValueError(f"a Jacobian has rank < {d}: the null space is not (D − d)-dimensional")
-
-
-def basis_mix_directions(jac: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The authors' Type I direction: Σ_j w_j n_j / ‖·‖ over the rref null-space basis {n_j} of Jᵀ.
-
-    jac (B, D, d); weights (B, D), used at the D − d free columns (the notebook: U(−1, 1)).
-    With A = Jᵀ, pivots P and R = A_P⁻¹ A, sympy's basis vector of free column j is e_j − R_j
-    placed at P, unit-normalised: n_j = (e_j − R_j)/s_j, s_j = sqrt(1 + ‖R_j‖²). Summing over j
-    without forming the (D − d) × D basis: v = c − scatter_P(R c), c_j = w_j / s_j (0 at P).
-    """
-    a = jac.transpose(1, 2).double()  # (B, d, D)
-    piv = rref_pivots(a)
-    r = torch.linalg.solve(torch.gather(a, 2, piv.unsqueeze(1).expand(-1, a.shape[1], -1)), a)  # (B, d, D)
-    free = torch.ones_like(weights, dtype=torch.bool).scatter(1, piv, False)
-    c = torch.where(free, weights.double() / (1 + r.pow(2).sum(1)).sqrt(), a.new_zeros(()))
-    v = c.scatter_add(1, piv, -(r @ c.unsqueeze(-1)).squeeze(-1))
-    return (v / v.norm(dim=1, keepdim=True)).to(jac.dtype)
-
-
-def uniform(n: int, low: float, high: float, generator: torch.Generator | None, device) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, device=device)
-
-
-@dataclass(frozen=True)
-class Type1Spec:
-    """How Type I samples are drawn (defaults: the authors' notebook; the paper's text in brackets)."""
-
-    beta_low: float = 0.1  # β ~ U[beta_low, beta_high]   [0.1]
-    beta_high: float = 28.0  # [1.0]
-    direction: str = "basis_mix"  # basis_mix (rref basis, U(−1,1) weights) | uniform (isotropic in the null space)
-    sign: str = "random"  # random (±1 per image) | positive
-    clip: bool = True  # clip x̃ to [0, 1]   [no]
-
-
-@torch.no_grad()
-def type1(model: CVAE, x: torch.Tensor, y: torch.Tensor, spec: Type1Spec,
-          generator: torch.Generator | None = None) -> torch.Tensor:
-    """x̃ = x ± β·v(x), v ⟂ tangent space at z = μ(x, y), β ~ U[beta_low, beta_high] (paper Eq. 2)."""
-    mu, _ = model.encode(x, y)
-    jac = decoder_jacobian(model, mu, y)  # (B, D, d)
-    if spec.direction == "uniform":
-        v = normal_directions(jac, generator)
-    else:
-        w = 2 * torch.rand(jac.shape[:2], generator=generator, device=x.device, dtype=jac.dtype) - 1
-        v = basis_mix_directions(jac, w)
-    beta = uniform(len(x), spec.beta_low, spec.beta_high, generator, x.device)
-    if spec.sign == "random":
-        beta = beta * (2 * torch.randint(0, 2, (len(x),), generator=generator, device=x.device) - 1)
-    xt = x + (beta.unsqueeze(1) * v).view_as(x)
-    return xt.clamp(0.0, 1.0) if spec.clip else xt
-
-
-# ---------------------------------------------------------------- Type II: on the manifold, outside the 95% ellipsoid
-
-@dataclass
-class LatentGaussians:
-    """Per-class Gaussian fit of the aggregate posterior (paper Eq. 3–4)."""
-
-    mean: torch.Tensor  # (K, d)
-    chol: torch.Tensor  # (K, d, d) lower Cholesky factor of Σ̂_c
-    r95: torch.Tensor  # (K,) Mahalanobis radius holding `quantile` of class c's training latents
-
-
-def mahalanobis_radius(z: torch.Tensor, y: torch.Tensor, g: LatentGaussians) -> torch.Tensor:
-    """sqrt((z − μ̂_y)ᵀ Σ̂_y⁻¹ (z − μ̂_y)) per sample (B,), via a triangular solve with L_y."""
-    w = torch.linalg.solve_triangular(g.chol[y], (z - g.mean[y]).unsqueeze(-1), upper=False)
-    return w.squeeze(-1).norm(dim=-1)
-
-
-def fit_latent_gaussians(mu: torch.Tensor, y: torch.Tensor, n_classes: int, quantile: float = 0.95) -> LatentGaussians:
-    """Mean, Cholesky of the covariance and the ``quantile`` Mahalanobis radius of each class's latents."""
-    d = mu.shape[1]
-    means, chols = [], []
-    for c in range(n_classes):  # K classes, each a batched computation
-        zc = mu[y == c].double()
-        if len(zc) <= d:
-            raise ConfigError(f"class {c} has {len(zc)} training images, need more than latent_dim={d} for Type II")
-        cov = torch.cov(zc.T) + 1e-6 * torch.eye(d, dtype=zc.dtype, device=zc.device)
-        means.append(zc.mean(0))
-        chols.append(torch.linalg.cholesky(cov))
-    g = LatentGaussians(torch.stack(means).float(), torch.stack(chols).float(), mu.new_zeros(n_classes))
-    r = mahalanobis_radius(mu, y, g)
-    g.r95 = torch.stack([torch.quantile(r[y == c], quantile) for c in range(n_classes)])
-    return g
-
-
-def sphere(n: int, d: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Uniform points on the unit sphere in R^d (normalized Gaussians)."""
-    u = torch.randn(n, d, generator=generator, device=device)
-    return u / u.norm(dim=1, keepdim=True)
-
-
-def type2_latents(g: LatentGaussians, y: torch.Tensor, radius_factor: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = μ̂_y + ρ·L_y·u with u on the unit sphere, ρ ~ U[r95_y, radius_factor·r95_y] (Rubinstein 1982)."""
-    u = sphere(len(y), g.mean.shape[1], generator, y.device)
-    rho = g.r95[y] * uniform(len(y), 1.0, radius_factor, generator, y.device)
-    return g.mean[y] + (g.chol[y] @ (rho.unsqueeze(1) * u).unsqueeze(-1)).squeeze(-1)
-
-
-@torch.no_grad()
-def type2(model: CVAE, g: LatentGaussians, y: torch.Tensor, radius_factor: float,
-          generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decoded Type II samples g(z, y), (B, C, H, W)."""
-    return model.decode(type2_latents(g, y, radius_factor, generator), y)
 
 
 # ---------------------------------------------------------------- config
@@ -219,7 +53,7 @@ class Config(TrialConfig):
     epochs: int = 10  # classifier epochs (the CVAE trains first, `cvae_epochs` passes, inside epoch 1)
     batch_size: int = 128
     lr: float = 0.1  # classifier learning rate (paper: Adadelta 0.1 for Fashion-MNIST, 0.01 for MNIST)
-    # --- CVAE (defaults: the authors' notebook; text = the layers used before it was read) ---
+    # --- CVAE (defaults: the authors' notebook; text: the paper's text, oodlab.models.cvae) ---
     latent_dim: int = 10  # paper: 10 for Fashion-MNIST, 8 for MNIST
     cvae_arch: str = "authors"  # authors | text (oodlab.models.cvae)
     cvae_epochs: int = 100  # passes over the ID training set before the classifiers start (authors: 100)
@@ -238,6 +72,9 @@ class Config(TrialConfig):
     ood_ratio: float = 1.0  # generated OOD samples per ID sample in a batch
     ood_weight: float = 0.1  # weight of the OOD class in the cross-entropy (paper: 0.1)
     optimizer: str = "adadelta"  # classifier optimizer: adadelta | adam | sgd
+    adadelta_rho: float = 0.95  # Adadelta's decay ρ (Keras, the authors' notebook: 0.95; PyTorch's default 0.9)
+    adadelta_eps: float = 1e-7  # Adadelta's ε (Keras: 1e-7; PyTorch's default 1e-6)
+    clf_arch: str = "notebook"  # notebook: conv–conv–pool, 9,216-wide dense input (the authors') | pooled
     # --- baselines on a plain n-class classifier (same architecture, same batches) ---
     baselines: bool = True  # also train the plain and the confident classifier and score their detectors
     odin_temperature: float = 1000.0  # ODIN T (Liang et al.)
@@ -267,6 +104,9 @@ class Config(TrialConfig):
             (0 < self.ood_ratio <= 10, f"ood_ratio must be in (0, 10], got {self.ood_ratio}"),
             (self.ood_weight >= 0, f"ood_weight must be >= 0, got {self.ood_weight}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"),
+            (0 < self.adadelta_rho < 1 and self.adadelta_eps > 0,
+             f"need 0 < adadelta_rho < 1 and adadelta_eps > 0, got {self.adadelta_rho}, {self.adadelta_eps}"),
+            (self.clf_arch in CLASSIFIER_ARCHS, f"clf_arch must be one of {CLASSIFIER_ARCHS}, got {self.clf_arch!r}"),
             (self.odin_temperature > 0, f"odin_temperature must be > 0, got {self.odin_temperature}"),
             (self.odin_eps >= 0 and self.maha_eps >= 0, "odin_eps and maha_eps must be >= 0"),
             (self.mc_samples >= 1, f"mc_samples must be >= 1, got {self.mc_samples}"),
@@ -277,7 +117,7 @@ class Config(TrialConfig):
     def cvae_config(self, shape: tuple[int, int, int], n_classes: int) -> CVAEConfig:
         """The CVAE for ID images of this (C, H, W) and n classes; ConfigError when it does not fit them."""
         c, h, w = shape
-        if h != w or h % 4:  # the classifiers pool twice by 2
+        if h != w or h % 4:  # the CVAE halves the side twice
             raise ConfigError(f"oodgen needs square images with a side divisible by 4, got {h}×{w}")
         try:
             return CVAEConfig(n_classes=n_classes, channels=c, size=h, latent_dim=self.latent_dim, arch=self.cvae_arch)
@@ -302,12 +142,24 @@ class Config(TrialConfig):
         return base + (baselines if self.baselines else ())
 
 
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+def classifier_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The classifiers' optimiser: Adadelta with ``adadelta_rho``/``adadelta_eps`` (Keras' constants
+    by default), Adam, or SGD with momentum 0.9; learning rate ``cfg.lr``."""
+    if cfg.optimizer == "adadelta":
+        return torch.optim.Adadelta(params, lr=cfg.lr, rho=cfg.adadelta_rho, eps=cfg.adadelta_eps)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+
+
+def id_accuracies(logits: dict[str, torch.Tensor], y: torch.Tensor, n: int) -> dict[str, float]:
+    """``acc_{k}``: argmax over all of classifier k's outputs equals the label (the (n+1)-way accuracy
+    of the paper for ``n1``: predicting the OOD class n is an error); ``acc_n1_among_id``: the
+    argmax over the n ID classes only."""
+    out = {f"acc_{k}": (v.argmax(1) == y).float().mean().item() for k, v in logits.items()}
+    if "n1" in logits:
+        out["acc_n1_among_id"] = (logits["n1"][:, :n].argmax(1) == y).float().mean().item()
+    return out
 
 
 # ---------------------------------------------------------------- experiment
@@ -330,14 +182,14 @@ class Experiment(BaseExperiment[Config]):
         self.cvae_opt: torch.optim.Optimizer = (
             torch.optim.RMSprop(self.cvae.parameters(), lr=cfg.cvae_lr, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
             if cfg.cvae_optimizer == "rmsprop" else torch.optim.Adam(self.cvae.parameters(), lr=cfg.cvae_lr))
-        self.clf = {"n1": Classifier(self.n + 1, c, h).to(self.device)}
+        self.clf = {"n1": Classifier(self.n + 1, c, h, arch=cfg.clf_arch).to(self.device)}
         if cfg.baselines:
-            self.clf["plain"] = Classifier(self.n, c, h).to(self.device)
-            self.clf["conf"] = Classifier(self.n, c, h).to(self.device)
+            self.clf["plain"] = Classifier(self.n, c, h, arch=cfg.clf_arch).to(self.device)
+            self.clf["conf"] = Classifier(self.n, c, h, arch=cfg.clf_arch).to(self.device)
             self.gan_g, self.gan_d = Generator(channels=c, size=h).to(self.device), Discriminator(c, h).to(self.device)
             self.g_opt = torch.optim.Adam(self.gan_g.parameters(), lr=cfg.gan_lr, betas=(0.5, 0.999))
             self.d_opt = torch.optim.Adam(self.gan_d.parameters(), lr=cfg.gan_lr, betas=(0.5, 0.999))
-        self.opt = {k: _optimizer(cfg.optimizer, m.parameters(), cfg.lr) for k, m in self.clf.items()}
+        self.opt = {k: classifier_optimizer(cfg, m.parameters()) for k, m in self.clf.items()}
         self.latents: LatentGaussians | None = None
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)  # batch order, OOD draws
 
@@ -427,14 +279,13 @@ class Experiment(BaseExperiment[Config]):
 
     @torch.no_grad()
     def accuracies(self) -> dict[str, float]:
-        """ID test accuracy of each classifier; the (n+1) classifier predicts among the n ID classes."""
+        """ID test accuracy of each classifier (``id_accuracies``)."""
         x, bs = self.test["id"].x, self.cfg.eval_batch_size
-        out = {}
+        logits = {}
         for k, m in self.clf.items():
             m.eval()
-            pred = torch.cat([m(data.to_float(x[i : i + bs]))[:, : self.n].argmax(1) for i in range(0, len(x), bs)])
-            out[f"acc_{k}"] = (pred == self.test_y).float().mean().item()
-        return out
+            logits[k] = torch.cat([m(data.to_float(x[i : i + bs])) for i in range(0, len(x), bs)])
+        return id_accuracies(logits, self.test_y, self.n)
 
     # ---- scores
     def score(self) -> Scores:

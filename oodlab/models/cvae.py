@@ -9,9 +9,9 @@ Two layer sets (``CVAEConfig.arch``):
   Dense(64·(S/4)², ReLU) -> two 3×3 stride-2 transposed convolutions (64, 32 filters, ReLU) ->
   3×3 stride-1 transposed convolution (C filters) giving Bernoulli logits. (The notebook also
   builds a Dense(16) from the decoder input but overwrites its output, so it is not used.)
-* ``text`` — the layers used before the notebook was read (the paper's Figure 6 is an image
-  absent from its text): two 4×4 stride-2 convolutions (32, 64), Dense(``hidden``), fused
-  (μ, log σ²) head; decoder Dense(hidden) -> Dense(64·(S/4)²) -> two 4×4 stride-2 transposed convs.
+* ``text`` — a reading of the paper's text alone (its Figure 6 is an image absent from the
+  text): two 4×4 stride-2 convolutions (32, 64), Dense(``hidden``), fused (μ, log σ²) head;
+  decoder Dense(hidden) -> Dense(64·(S/4)²) -> two 4×4 stride-2 transposed convs.
 
 The decoder mean g(z, y) = sigmoid(logits) is the manifold map of the paper's Eq. (1).
 Objective (paper §3.1, standard CVAE): ELBO(x, y) = E_q[log p(x|z, y)] − KL(q(z|x, y) || N(0, I)).
