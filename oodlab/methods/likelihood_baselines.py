@@ -178,7 +178,7 @@ def parse_perturbation(spec: str) -> tuple[str, float]:
     return kind, val
 
 
-def _dct_matrix(n: int, device) -> torch.Tensor:
+def _dct_matrix(n: int, device: torch.device) -> torch.Tensor:
     """Orthonormal DCT-II matrix (n, n): c = D x."""
     k, i = torch.arange(n, device=device)[:, None].float(), torch.arange(n, device=device)[None].float()
     d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
