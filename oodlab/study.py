@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from oodlab import data
-from oodlab.experiment import VAL, ConfigError, is_val_metric, metric_name
+from oodlab.experiment import ConfigError
+from oodlab.naming import is_val_metric, metric_name, mode_of
 from oodlab.registry import build_config
 from oodlab.space import (
     Categorical,
@@ -52,7 +53,6 @@ from oodlab.space import (
 
 SAMPLERS = ("grid", "tpe", "random", "cmaes")
 SCHEDULERS = ("fifo", "asha")
-VAL_PREFIX = VAL
 log = logging.getLogger("oodlab")
 
 
@@ -80,7 +80,7 @@ class ValTarget:
 class StudySpec:
     """What a study file declares. ``space``: the papers' ranges (searched by tpe, random,
     cmaes); ``grid``: the paper's grid (the grid sampler; None = ``space``). Dimensions are
-    ``oodlab.space`` objects or lists (categorical). ``seed`` is added from ``--seeds``."""
+    ``oodlab.space`` objects or lists (categorical). Seeds are never a dimension (``--seeds``)."""
 
     name: str  # MLflow experiment, Optuna study and Ray experiment folder
     fixed: dict[str, Any]  # TrialConfig fields shared by every trial
@@ -99,7 +99,7 @@ class Plan:
 
     name: str
     fixed: dict[str, Any]
-    space: Space  # what Optuna searches (the grid with --sampler grid), seed included
+    space: Space  # what Optuna searches (the grid with --sampler grid); never the seed
     targets: tuple[str, ...]
     modes: tuple[str, ...]
     sampler: str
@@ -145,14 +145,16 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", choices=SAMPLERS, default="grid",
                    help="Optuna sampler (default grid = the paper's grid; tpe/random/cmaes search the paper's ranges)")
     g.add_argument("--num-samples", type=int, help="number of trials (default: the size of the paper's grid)")
-    g.add_argument("--seeds", type=int, default=1, help="seeds per configuration (the dimension seed=0..N-1)")
+    g.add_argument("--seeds", type=int, help="replicates per trial: each trial trains seeds 0..N-1 of its "
+                   "configuration and reports their mean (and sd as {metric}_sd); default 1")
     g.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="add or replace a dimension: a,b,c | lo..hi | lo..hi:log | lo..hi:int (repeatable)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix any config field (typed by the method's config; repeatable)")
     g.add_argument("--target", help="metric(s) to optimise, comma-separated for multi-objective "
                    "(default: the study's validation metric)")
-    g.add_argument("--mode", help="max|min per target, comma-separated (default: min for fpr*/nll/bpd means, else max)")
+    g.add_argument("--mode", help="max|min per target, comma-separated (default: min for error rates, "
+                   "fpr*, nll/bpd means, val_id_*, else max)")
     g.add_argument("--allow-test-target", action="store_true",
                    help="allow a test-set metric as target (recorded on the MLflow parent run)")
     g.add_argument("--val-ood", metavar="SPEC[,SPEC...]", help="validation OOD set(s) (config field val_ood)")
@@ -162,7 +164,12 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/RF of trials per rung (default 2)")
     g = p.add_argument_group("resources and data size (shared by every study file)")
     g.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: local Ray)")
-    g.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions share a GPU")
+    g.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial; fractions share a GPU (default: 0.5 where the cluster has or can add "
+                   "GPU nodes, else 0; oodlab.capacity)")
+    g.add_argument("--wait-for-nodes", type=float, metavar="SECONDS",
+                   help="give up (exit 2) when the autoscaler has not added a node for one trial within SECONDS "
+                   "(default: wait)")
     g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
     g.add_argument("--max-concurrent", type=int, default=0,
                    help="cap on trials running at once (0 = as resources allow)")
@@ -202,12 +209,6 @@ def val_metric(fixed: dict[str, Any], metric: str, score: str) -> str:
     return metric_name(metric, build_config(fixed).val_ood[0], score, "val")
 
 
-def infer_mode(metric: str) -> str:
-    """min for error rates and likelihood-style means (lower = better), max otherwise."""
-    base = metric.removeprefix(VAL_PREFIX)
-    return "min" if base.startswith(("fpr", "id_", "nll_mean", "bpd")) else "max"
-
-
 # ---------------------------------------------------------------- resolve: flags -> plan
 
 
@@ -237,7 +238,29 @@ def resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
 
 def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
     sampler = args.sampler
-    base = spec.grid if sampler == "grid" and spec.grid is not None else spec.space
+    fixed, space = _apply_flags(spec, args)
+    targets, modes = _targets(spec, args, {**fixed, **first_point(space)})
+    test_targets = [t for t in targets if not is_val_metric(t)]
+    if test_targets and not args.allow_test_target:
+        raise StudyError(f"target {', '.join(test_targets)} is a test-set metric: selecting hyperparameters on the "
+                         "test set leaks it into the result; use a val_ metric or pass --allow-test-target")
+    _check_search(args, sampler, targets)
+    plan = Plan(name=spec.name, fixed=fixed, space=space, targets=targets, modes=modes, sampler=sampler,
+                scheduler=args.scheduler, num_samples=_num_samples(spec, args, space),
+                allow_test_target=bool(test_targets), reduction_factor=args.reduction_factor,
+                paper_point=dict(spec.paper_point), before_run=spec.before_run)
+    if plan.scheduler == "asha":
+        plan = dataclasses.replace(plan, grace_period=_grace_period(plan, args.grace_period))
+    if sampler == "cmaes" and all(isinstance(d, Categorical) for d in space.values()):
+        log.warning("cmaes over categorical dimensions only: Optuna samples them at random")
+    return plan
+
+
+def _apply_flags(spec: StudySpec, args: argparse.Namespace) -> tuple[dict[str, Any], Space]:
+    """The fixed config and the searched space after ``--set``, ``--val-ood``, ``--space`` and ``--seeds``:
+    typed by the method's config, a grid of categoricals for the grid sampler. Seeds are replicates
+    inside each trial (config field ``seeds``), never a searched dimension."""
+    base = spec.grid if args.sampler == "grid" and spec.grid is not None else spec.space
     space = as_space(base)
     fixed = dict(spec.fixed)
     types = _config_types(fixed)
@@ -256,27 +279,36 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
         _known(key, types, "--space")
         space[key] = parse_dimension(text)
         fixed.pop(key, None)
-    if "seed" not in space and "seed" not in {k for k, _, _ in sets}:
-        if args.seeds < 1:
-            raise StudyError(f"--seeds must be >= 1, got {args.seeds}")
-        space["seed"] = Categorical(tuple(range(args.seeds)))
+    replicate_keys = sorted({"seed", "seeds"} & set(space))
+    if replicate_keys:
+        raise StudyError(f"{', '.join(replicate_keys)} cannot be searched: seeds are replicates inside each trial; "
+                         "use --seeds N (and --set seed=K for the first seed)")
+    if args.seeds is not None:
+        if "seeds" in {k for k, _, _ in sets}:
+            raise StudyError("seeds: given to both --seeds and --set")
+        fixed["seeds"] = args.seeds
     for key in space:
         _known(key, types, "space of the study")
     space = {k: typed(d, types[k], k) for k, d in space.items()}
-    if sampler == "grid":
+    if args.sampler == "grid":
         space = {k: Categorical(tuple(v)) for k, v in grid_values(space).items()}  # FloatRange: SpaceError
-    # default trial count: the paper grid's size (× seeds), so every sampler gets the grid's budget
-    paper_grid = space if sampler == "grid" or spec.grid is None else as_space(spec.grid)
-    if "seed" in space and paper_grid is not space:
-        paper_grid = {**paper_grid, "seed": space["seed"]}
-    n_grid = grid_size(paper_grid)
+    return fixed, space
+
+
+def _num_samples(spec: StudySpec, args: argparse.Namespace, space: Space) -> int:
+    """``--num-samples``, else the study's own count, else the paper grid's size, so every sampler
+    gets the grid's budget (one trial for a study that searches nothing)."""
     if args.num_samples is not None and args.num_samples < 1:
         raise StudyError(f"--num-samples must be >= 1, got {args.num_samples}")
-    num_samples = args.num_samples or spec.num_samples or n_grid or 10
+    paper_grid = space if args.sampler == "grid" or spec.grid is None else as_space(spec.grid)
+    return args.num_samples or spec.num_samples or grid_size(paper_grid) or 10
 
+
+def _targets(spec: StudySpec, args: argparse.Namespace, point: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """(targets, modes): ``--target``/``--mode``, else the study's defaults; a mode not given follows
+    the metric's direction (``naming.mode_of``)."""
     defaults = (spec.metric,) if isinstance(spec.metric, (str, ValTarget)) else tuple(spec.metric)
     try:
-        point = {**fixed, **first_point(space)}
         targets = tuple(t.strip() for t in args.target.split(",")) if args.target else tuple(
             t.name(point) if isinstance(t, ValTarget) else t for t in defaults)
     except ConfigError as e:
@@ -284,42 +316,39 @@ def _resolve(spec: StudySpec, args: argparse.Namespace) -> Plan:
     if args.mode:
         modes = tuple(m.strip() for m in args.mode.split(","))
     elif args.target:
-        modes = tuple(infer_mode(t) for t in targets)
+        modes = tuple(mode_of(t) for t in targets)
     else:
         modes = (spec.mode,) * len(targets) if isinstance(spec.mode, str) else tuple(spec.mode)
     if len(modes) != len(targets) or any(m not in ("min", "max") for m in modes):
         raise StudyError(f"--mode: give max or min for each of the {len(targets)} target(s), got {modes}")
-    test_targets = [t for t in targets if not is_val_metric(t)]
-    if test_targets and not args.allow_test_target:
-        raise StudyError(f"target {', '.join(test_targets)} is a test-set metric: selecting hyperparameters on the "
-                         "test set leaks it into the result; use a val_ metric or pass --allow-test-target")
+    return targets, modes
 
+
+def _check_search(args: argparse.Namespace, sampler: str, targets: tuple[str, ...]) -> None:
+    """Sampler, scheduler and target combinations that cannot work."""
     if sampler == "cmaes" and len(targets) > 1:
         raise StudyError("--sampler cmaes is single-objective; use tpe (or random) for several targets")
-    scheduler = args.scheduler
-    grace = args.grace_period
-    if scheduler == "asha":
-        if sampler == "grid":
-            raise StudyError("--scheduler asha stops trials early; the grid sampler needs one completed trial per "
-                             "grid point: use --sampler tpe, random or cmaes")
-        if len(targets) > 1:
-            raise StudyError("--scheduler asha ranks trials on one metric: give a single --target")
-        if args.reduction_factor <= 1:
-            raise StudyError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
-    plan = Plan(name=spec.name, fixed=fixed, space=space, targets=targets, modes=modes, sampler=sampler,
-                scheduler=scheduler, num_samples=num_samples, allow_test_target=bool(test_targets),
-                reduction_factor=args.reduction_factor, paper_point=dict(spec.paper_point),
-                before_run=spec.before_run)
-    if scheduler == "asha":
-        cfg = build_config(plan.fixed_with(first_point(space)))
-        grace = grace if grace is not None else cfg.eval_every
-        if grace < cfg.eval_every or grace > cfg.epochs:
-            raise StudyError(f"--grace-period {grace}: must be >= eval_every ({cfg.eval_every}; metrics are new only "
-                             f"at evaluations) and <= epochs ({cfg.epochs})")
-        plan = dataclasses.replace(plan, grace_period=grace)
-    if sampler == "cmaes" and all(isinstance(d, Categorical) for d in space.values()):
-        log.warning("cmaes over categorical dimensions only: Optuna samples them at random")
-    return plan
+    if args.seeds is not None and not 1 <= args.seeds <= 100:
+        raise StudyError(f"--seeds must be in 1..100, got {args.seeds}")
+    if args.scheduler != "asha":
+        return
+    if sampler == "grid":
+        raise StudyError("--scheduler asha stops trials early; the grid sampler needs one completed trial per "
+                         "grid point: use --sampler tpe, random or cmaes")
+    if len(targets) > 1:
+        raise StudyError("--scheduler asha ranks trials on one metric: give a single --target")
+    if args.reduction_factor <= 1:
+        raise StudyError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+
+
+def _grace_period(plan: Plan, grace: int | None) -> int:
+    """ASHA's grace period: ``--grace-period`` or the config's eval_every, within [eval_every, epochs]."""
+    cfg = build_config(plan.fixed_with(first_point(plan.space)))
+    grace = grace if grace is not None else cfg.eval_every
+    if grace < cfg.eval_every or grace > cfg.epochs:
+        raise StudyError(f"--grace-period {grace}: must be >= eval_every ({cfg.eval_every}; metrics are new only "
+                         f"at evaluations) and <= epochs ({cfg.epochs})")
+    return grace
 
 
 # ---------------------------------------------------------------- validate: before any compute
@@ -337,9 +366,10 @@ def check_points(space: Space) -> list[dict[str, Any]]:
 
 def validate(plan: Plan, args: argparse.Namespace) -> None:
     """Every check that can fail before Ray starts: configs, targets, data files, flags."""
-    if args.gpus_per_trial < 0 or args.cpus_per_trial <= 0:
-        raise StudyError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
-    if args.gpus_per_trial > 1 and not float(args.gpus_per_trial).is_integer():
+    wait = getattr(args, "wait_for_nodes", None) or 0
+    if (args.gpus_per_trial or 0) < 0 or args.cpus_per_trial <= 0 or wait < 0:
+        raise StudyError("--gpus-per-trial and --wait-for-nodes must be >= 0 and --cpus-per-trial > 0")
+    if (args.gpus_per_trial or 0) > 1 and not float(args.gpus_per_trial).is_integer():
         raise StudyError(f"--gpus-per-trial above 1 must be a whole number, got {args.gpus_per_trial}")
     try:
         configs = [build_config(plan.fixed_with(p)) for p in check_points(plan.space)]
@@ -370,7 +400,7 @@ def describe_spaces(space: dict[str, Any] | None, grid: dict[str, Any] | None) -
              "  " + describe(as_space(space or {}))]
     if grid is not None:
         lines += ["paper grid (--sampler grid, the default):", "  " + describe(as_space(grid))]
-    lines += ["plus seed=0..N-1 from --seeds; --set KEY=VALUE fixes any config field."]
+    lines += ["--seeds N trains N replicates (seeds 0..N-1) in every trial; --set KEY=VALUE fixes any config field."]
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 runner, tracking, reports and tests agree."""
 
 STUDY = "oodlab.study"  # study name, on parent and child runs
-ROLE = "oodlab.role"  # "parent" | "trial"
+ROLE = "oodlab.role"  # "parent" | "trial" | "seed" (one replicate of a trial of several seeds)
 TRIAL = "ray_trial_id"  # Ray trial id of a child run (also an Optuna user attr)
+SEED = "oodlab.seed"  # on a seed run: the replicate's seed
+REPLICA_OF = "oodlab.replica_of"  # on a seed run: the Ray trial id of its trial (its parent run)
 ERROR = "oodlab.error"  # why a trial failed
 METRICS = "oodlab.metrics"  # final AUROC table of a trial, JSON
 DEVICE = "device"  # where the trial trained

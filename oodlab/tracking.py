@@ -1,7 +1,9 @@
 """MLflow tracking, done on the driver: one parent run per study, one child run per trial.
 
 Workers never talk to MLflow; a Tune callback on the driver logs for them, keyed by the
-Ray trial id (tag ``ray_trial_id``). On resume the callback finds a trial's existing
+Ray trial id (tag ``ray_trial_id``). A trial of several seeds logs the mean and sd of each
+metric on its run and each seed's metrics, ROC curves, histograms and scores on a nested
+run (tags ``oodlab.role=seed``, ``oodlab.seed``, ``oodlab.replica_of``). On resume the callback finds a trial's existing
 run by that tag and continues it, and skips metric steps already logged, so a resumed
 study never duplicates a run or a point.
 """
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from oodlab import plots, tags
-from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, SCORES_FILE, load_scores
+from oodlab.checkpoint import ARTIFACTS_DIR, METRICS_FILE, REPLICAS_KEY, SCORES_FILE, load_scores, replica_dir
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -156,6 +158,56 @@ class MLflowCallback(tune.Callback):
         self._runs[tid] = run_id
         return run_id
 
+    def _seed_run(self, trial: Trial, seed: str) -> str:
+        """The nested run of one seed of a trial of several seeds (found again on resume)."""
+        key = f"{trial.trial_id}/{seed}"
+        if key in self._runs:
+            return self._runs[key]
+        parent = self._run_for(trial)
+        found = self.client.search_runs([self.experiment_id], f"tags.`{tags.REPLICA_OF}` = '{trial.trial_id}' and "
+                                        f"tags.`{tags.SEED}` = '{seed}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            hist = self.client.get_metric_history(run_id, "loss")
+            self._last_step[key] = max((m.step for m in hist), default=0)
+        else:
+            from mlflow.entities import Param
+
+            run_tags = {tags.REPLICA_OF: trial.trial_id, tags.SEED: seed, tags.STUDY: self.study, tags.ROLE: "seed",
+                        tags.PARENT: parent}
+            run_id = self.client.create_run(self.experiment_id, run_name=f"seed={seed} [{trial.trial_id}]",
+                                            tags=run_tags).info.run_id
+            params = {**{k: str(v) for k, v in trial.config.items()}, "seed": seed, "seeds": "1"}
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+            self._last_step[key] = 0
+        self._runs[key] = run_id
+        return run_id
+
+    def _seeds(self, trial: Trial) -> list[str]:
+        """The seeds of a trial of several seeds ([] for one seed: its trial run is the seed's run)."""
+        seeds = int(trial.config.get("seeds", 1) or 1)
+        first = int(trial.config.get("seed", 0) or 0)
+        return [str(first + i) for i in range(seeds)] if seeds > 1 else []
+
+    def _log_seeds(self, trial: Trial, result: dict[str, Any], step: int, now: int) -> None:
+        from mlflow.entities import Metric
+
+        for seed, values in (result.get(REPLICAS_KEY) or {}).items():
+            run_id = self._seed_run(trial, seed)
+            key = f"{trial.trial_id}/{seed}"
+            if step <= self._last_step.get(key, 0):
+                continue
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(values).items()])
+            self._last_step[key] = step
+
+    def _end_seeds(self, trial: Trial, status: str, ckpt: Path | None = None) -> None:
+        for seed in self._seeds(trial):
+            run_id = self._seed_run(trial, seed)
+            if ckpt is not None:
+                self._log_artifacts(run_id, ckpt / replica_dir(int(seed)))
+            self.client.set_terminated(run_id, status)
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._run_for(trial)
 
@@ -165,9 +217,10 @@ class MLflowCallback(tune.Callback):
 
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        self._log_seeds(trial, result, step, now)
         if step <= self._last_step.get(trial.trial_id, 0):
             return  # already logged before a crash
-        now = int(time.time() * 1000)
         device = [RunTag(tags.DEVICE, str(result["device"]))] if "device" in result and step == 1 else []
         metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
         self.client.log_batch(run_id, metrics=metrics, tags=device)
@@ -179,14 +232,17 @@ class MLflowCallback(tune.Callback):
         if error:  # the trainable ended the trial itself (e.g. the loss diverged)
             self.client.set_tag(run_id, tags.ERROR, str(error)[:5000])
             self.client.set_terminated(run_id, "FAILED")
+            self._end_seeds(trial, "FAILED")
             return
         epoch = (trial.last_result or {}).get("epoch")
         if self.max_epoch and epoch and epoch < self.max_epoch:  # the scheduler stopped it: say so, keep its metrics
             self.client.set_tag(run_id, tags.STOPPED_EARLY, "true")
             self.client.set_tag(run_id, tags.STOPPED_AT_EPOCH, str(epoch))
+            self._end_seeds(trial, "FINISHED")
         elif trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
                 self._log_artifacts(run_id, Path(d))
+                self._end_seeds(trial, "FINISHED", Path(d))
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -195,9 +251,12 @@ class MLflowCallback(tune.Callback):
         if err is not None:
             self.client.set_tag(run_id, tags.ERROR, str(err)[-5000:])
         self.client.set_terminated(run_id, "FAILED")
+        self._end_seeds(trial, "FAILED")
 
     def _log_artifacts(self, run_id: str, ckpt: Path) -> None:
-        if not (ckpt / SCORES_FILE).exists():
+        if not (ckpt / SCORES_FILE).exists():  # a trial of several seeds: its seed runs get the figures
+            if (ckpt / METRICS_FILE).exists():
+                self.client.log_artifact(run_id, str(ckpt / METRICS_FILE))
             return
         scores = load_scores(ckpt / SCORES_FILE)
         with tempfile.TemporaryDirectory() as d:
