@@ -58,17 +58,3 @@ def is_val_metric(name: str) -> bool:
 def score_key(spec: str, split: str = "test") -> str:
     """Key of a set in a trial's scores: ``mnist`` for a test OOD set, ``val_blobs`` for a validation one."""
     return (VAL if split == "val" else "") + set_key(spec)
-
-
-def split_metric(name: str, metrics: tuple[str, ...], sets: list[str]) -> tuple[str, str, str] | None:
-    """(metric, set key, score) of a flat name ``[val_]{metric}_{set}_{score}``, given the known metric
-    names and set specs (names and scores may hold underscores); None when it is not such a name."""
-    base = name.removeprefix(VAL)
-    for m in sorted(metrics, key=len, reverse=True):
-        if not base.startswith(m + "_"):
-            continue
-        rest = base[len(m) + 1:]
-        for key in sorted({set_key(s) for s in sets}, key=len, reverse=True):
-            if rest.startswith(key + "_") and len(rest) > len(key) + 1:
-                return m, key, rest[len(key) + 1:]
-    return None

@@ -20,13 +20,15 @@ import csv
 import io
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from oodlab import data, selection, tags
-from oodlab.experiment import set_key
+from oodlab import data, selection, tags, trials
+from oodlab.naming import SD, set_key
 
 # Paper 000 (Csiszárik et al.), mean (sd) over 10 runs: (inlier, OOD, noise model, negatives, score).
 # Tables I (gray) and II (color): columns baseline ("none"), auxiliary ("aux"), adversarial.
@@ -83,7 +85,6 @@ PAPER_AUX = {("fashion_mnist", "mnist"): "emnist_letters", ("fashion_mnist", "em
              ("cifar10", "svhn"): "imagenet32", ("svhn", "cifar10"): "imagenet32"}
 SCORE_TITLES = {"bpd": "AUC BPD", "kl": "AUC KL", "iwae": "AUC IWAE-BPD"}
 NEGATIVE_ORDER = ("none", "aux", "gaussian_noise", "uniform_noise", "random", "inlier_noise", "adversarial")
-_IGNORED = {"seed", "device", "eval_every", "eval_batch_size"}  # params that do not define a configuration
 
 
 def paper_reference(id_spec: str, ood_spec: str) -> dict[str, float]:
@@ -125,42 +126,24 @@ def _client(storage: Path, mlflow_uri: str | None = None):
     return MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
 
 
-def load_trials(client, study: str,
-                completed_only: bool = False) -> tuple[list[tuple[dict[str, str], dict[str, float]]], str | None]:
-    """(params, metrics) of every FINISHED trial run of a study, and the parent run's id;
-    ``completed_only``: without the trials a scheduler stopped early (their metrics are of an earlier epoch)."""
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        known = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"no study {study!r} in the MLflow store; known: {', '.join(known) or 'none'}")
-    runs = client.search_runs([exp.experiment_id], max_results=50_000)
-    trials = [(dict(r.data.params), dict(r.data.metrics)) for r in runs
-              if r.data.tags.get("oodlab.role") == "trial" and r.info.status == "FINISHED"
-              and not (completed_only and r.data.tags.get(tags.STOPPED_EARLY) == "true")]
-    parents = [r.info.run_id for r in runs if r.data.tags.get("oodlab.role") == "parent"]
-    return trials, parents[0] if parents else None
-
-
-# ---------------------------------------------------------------- aggregation (pure)
-
-def aggregate(trials: list[tuple[dict[str, str], dict[str, float]]]) -> list[Cell]:
-    """Group trials by config without the seed; one Cell per (config, OOD set, score) of every AUROC."""
-    keys = sorted({k for p, _ in trials for k in p} - _IGNORED)
-    varied = [k for k in keys if len({p.get(k) for p, _ in trials}) > 1 and k not in ("negatives", "decoder")]
+def aggregate(configurations: list[trials.Configuration]) -> list[Cell]:
+    """One Cell per (configuration, OOD set, score) of every test AUROC, its replicates' values."""
+    varied = [k for k in selection.varied(configurations) if k not in ("negatives", "decoder")]
     cells: dict[tuple, Cell] = {}
-    for params, metrics in trials:
+    for g in configurations:
+        params = g.params
         id_spec, neg, dec = params.get("id", "?"), params.get("negatives", "-"), params.get("decoder", "-")
+        rest = tuple((k, selection.value_text(params.get(k, ""))) for k in varied)
+        row = (("inlier", id_spec), ("noise model", dec), *rest)
         for ood in data.split_specs(params.get("ood", "")):
             prefix = f"auroc_{set_key(ood)}_"
-            for name, v in metrics.items():
-                if not name.startswith(prefix):
-                    continue
+            names = sorted({n for m in g.metrics for n in m if n.startswith(prefix) and not n.endswith(SD)})
+            for name in names:
                 score = name[len(prefix):]
-                row = (("inlier", id_spec), ("OOD", ood), ("noise model", dec),
-                       *((k, params.get(k, "")) for k in varied))
-                cell = cells.setdefault((row, neg, score), Cell(row, neg, score,
-                                                                paper=PAPER_000.get((id_spec, ood, dec, neg, score))))
-                cell.values.append(float(v))
+                key = ((row[0], ("OOD", ood), *row[1:]), neg, score)
+                cell = cells.setdefault(key, Cell(key[0], neg, score,
+                                                  paper=PAPER_000.get((id_spec, ood, dec, neg, score))))
+                cell.values.extend(g.values(name))
     return list(cells.values())
 
 
@@ -255,33 +238,41 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
-def selection_report(client, study: str) -> tuple[str, str]:
-    """(markdown, csv) of the configurations the study's target selects, among trials that ran to
-    the end (not stopped early), and their test metrics."""
-    trials, parent = load_trials(client, study, completed_only=True)
-    if parent is None:
-        return f"# {study}: no parent run, so no recorded target; nothing selected\n", ""
-    run = client.get_run(parent)
+def selection_report(client: Any, study: str) -> tuple[str, str, dict[str, float]]:
+    """(markdown, csv, τ per test metric) of the configurations the study's target selects, among trials
+    that ran to the end (not stopped early), their test metrics, and how the target ranks like the test."""
+    runs = trials.read(client, study, completed_only=True)
+    if runs.parent is None:
+        return f"# {study}: no parent run, so no recorded target; nothing selected\n", "", {}
+    params = dict(runs.parent.data.params)
     try:
-        targets, modes = selection.targets_of(dict(run.data.params))
+        targets, modes = selection.targets_of(params)
     except ValueError as e:
-        return f"# {study}: nothing selected ({e})\n", ""
-    groups = selection.group(trials)
+        return f"# {study}: nothing selected ({e})\n", "", {}
+    groups = runs.configurations()
     chosen = selection.select(groups, targets, modes)
-    allowed = run.data.tags.get(tags.ALLOW_TEST_TARGET) == "true"
-    return (selection.to_markdown(study, groups, chosen, targets, modes, allowed),
-            selection.to_csv(groups, chosen, targets))
+    allowed = runs.parent.data.tags.get(tags.ALLOW_TEST_TARGET) == "true"
+    agreements = selection.agreement(groups, targets[0])
+    md = selection.to_markdown(study, groups, chosen, targets, modes, allowed)
+    taus = {f"tau_{a.test_metric}": a.tau for a in agreements if math.isfinite(a.tau)}
+    return md + selection.agreement_markdown(agreements), selection.to_csv(groups, chosen, targets), taus
 
 
 def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
     """The selection by the study's target, then the paper-format AUROC table of every configuration;
     both logged to the study's parent run; returns the markdown."""
     client = _client(Path(storage), mlflow_uri)
-    trials, parent = load_trials(client, study)
-    sel_md, sel_csv = selection_report(client, study)
-    cells = aggregate(trials)
+    runs = trials.read(client, study)
+    parent = runs.parent_id
+    sel_md, sel_csv, taus = selection_report(client, study)
+    cells = aggregate(runs.configurations())
     md = to_markdown(cells, study)
-    if parent is not None and trials:
+    if parent is not None and taus:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in taus.items()])
+    if parent is not None and runs.replicates:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "selection.md").write_text(sel_md)
             (Path(d) / "selection.csv").write_text(sel_csv)

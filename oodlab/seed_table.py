@@ -1,11 +1,11 @@
 """Mean (sd) over seeds of chosen metrics of finished study trials, beside the paper's figures.
 
 ``oodlab report`` formats paper 000's tables; this is its generic sibling for the other papers:
-it reads the child runs (tag ``oodlab.role=trial``, status FINISHED) of one or more studies from
-the MLflow store, groups them by study, and writes one markdown row per study with
+it reads the finished replicates (``oodlab.trials``) of one or more studies from the MLflow
+store, pools them by study, and writes one markdown row per study with
 ``mean (sd) [paper]`` per metric. Nothing is typed in by hand: every number comes from a run.
 
-    python -m oodlab.seed_table --storage /work/runs/oodgen/results --studies t1-authors,t1-text \\
+    python -m oodlab.seed_table --storage results/cvae_oodgen --studies t1-authors,t1-text \\
         --metrics auroc_mnist_n1_prob,fpr95_mnist_n1_prob --paper auroc_mnist_n1_prob=0.995
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from oodlab import trials
+
 
 @dataclass(frozen=True)
 class Row:
@@ -27,18 +29,15 @@ class Row:
 
 
 def load_rows(storage: Path, studies: list[str], metrics: list[str]) -> list[Row]:
-    """Finished trials' metrics per study from ``<storage>/mlflow.db``; unknown studies raise ValueError."""
+    """Every finished replicate's metrics per study from ``<storage>/mlflow.db`` (``oodlab.trials``:
+    nested seed runs of trials of several seeds, else the trial runs); unknown studies raise ValueError."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}")
     rows = []
     for name in studies:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise ValueError(f"no study {name!r} in {storage}")
-        runs = [r for r in client.search_runs([exp.experiment_id], max_results=10_000)
-                if r.data.tags.get("oodlab.role") == "trial" and r.info.status == "FINISHED"]
-        rows.append(Row(name, {m: [r.data.metrics[m] for r in runs if m in r.data.metrics] for m in metrics}))
+        reps = trials.read(client, name).replicates
+        rows.append(Row(name, {m: [t[m] for _, t in reps if m in t] for m in metrics}))
     return rows
 
 

@@ -14,44 +14,18 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
+from scipy.stats import kendalltau
 
-from oodlab.experiment import is_val_metric
 from oodlab.metrics import METRICS
+from oodlab.naming import SD, VAL, is_val_metric, mode_of
+from oodlab.trials import Configuration
 
-IGNORED = {"seed", "device", "eval_every", "eval_batch_size", "vae_cache"}  # params that do not define a configuration
-LOWER_IS_BETTER = ("fpr95", "fpr80", "detection_error")  # default mode "min" for these (and val_id_*)
 SHOWN = ("auroc", "fpr95")  # test metrics in the markdown table (every one is in the CSV)
+WEAK_TAU = 0.3  # Kendall τ below this: the validation target ranks configurations unlike the test does
 
-Trial = tuple[dict[str, str], dict[str, float]]  # (params, metrics) of one finished trial
-
-
-@dataclass
-class Group:
-    """The finished trials of one configuration (all params but the seed)."""
-
-    config: tuple[tuple[str, str], ...]
-    metrics: list[dict[str, float]] = field(default_factory=list)
-
-    def values(self, name: str) -> list[float]:
-        return [float(m[name]) for m in self.metrics if name in m and math.isfinite(float(m[name]))]
-
-    def mean(self, name: str) -> float:
-        v = self.values(name)
-        return float(np.mean(v)) if v else math.nan
-
-    def sd(self, name: str) -> float:
-        """Sample sd over seeds (NaN with one seed)."""
-        v = self.values(name)
-        return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
-
-
-def default_mode(metric: str) -> str:
-    """"min" for error rates and the ID validation mean score (e.g. val_id_bpd), else "max"."""
-    base = metric.removeprefix("val_")
-    return "min" if base.startswith(("id_", *LOWER_IS_BETTER)) else "max"
+Group = Configuration  # a configuration and its replicates (oodlab.trials)
 
 
 def targets_of(params: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -59,22 +33,12 @@ def targets_of(params: dict[str, str]) -> tuple[list[str], list[str]]:
     targets = [t.strip() for t in params.get("metric", "").split(",") if t.strip()]
     if not targets:
         raise ValueError("the study's parent run records no target metric (param 'metric')")
-    modes = [m.strip() for m in params.get("mode", "").split(",") if m.strip()] or [default_mode(t) for t in targets]
+    modes = [m.strip() for m in params.get("mode", "").split(",") if m.strip()] or [mode_of(t) for t in targets]
     if len(modes) == 1 and len(targets) > 1:
         modes = modes * len(targets)
     if len(modes) != len(targets) or any(m not in ("min", "max") for m in modes):
         raise ValueError(f"modes {modes} do not fit targets {targets}")
     return targets, modes
-
-
-def group(trials: list[Trial]) -> list[Group]:
-    """Trials grouped by configuration: every param except the seed (and run-only settings)."""
-    keys = sorted({k for p, _ in trials for k in p} - IGNORED)
-    groups: dict[tuple, Group] = {}
-    for params, metrics in trials:
-        cfg = tuple((k, params.get(k, "")) for k in keys)
-        groups.setdefault(cfg, Group(cfg)).metrics.append(metrics)
-    return list(groups.values())
 
 
 def _dominates(a: list[float], b: list[float]) -> bool:
@@ -108,6 +72,15 @@ def test_metrics(g: Group, shown: tuple[str, ...] | None = None) -> list[str]:
     return [k for k in names if not is_val_metric(k) and any(k.startswith(m + "_") for m in wanted)]
 
 
+def value_text(v: str) -> str:
+    """A param as a table shows it: numbers to 4 significant digits (searched floats print 17)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return str(v) if x.is_integer() and "." not in str(v) else f"{x:.4g}"
+
+
 def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ({sd:.3f})" if math.isfinite(sd) else f"{mean:.3f} (–)"
 
@@ -133,12 +106,12 @@ def to_markdown(study: str, groups: list[Group], chosen: list[Group], targets: l
               "| " + " | ".join([*keys, "seeds", *targets]) + " |", "|" + "---|" * (len(keys) + 1 + len(targets))]
     for g in chosen:
         c = dict(g.config)
-        lines.append("| " + " | ".join([*(c.get(k, "") for k in keys), str(len(g.metrics)),
+        lines.append("| " + " | ".join([*(value_text(c.get(k, "")) for k in keys), str(len(g.metrics)),
                                         *(_fmt(g.mean(t), g.sd(t)) for t in targets)]) + " |")
     lines.append("")
     for g in chosen:
         c = dict(g.config)
-        name = ", ".join(f"{k}={c.get(k, '')}" for k in keys)
+        name = ", ".join(f"{k}={value_text(c.get(k, ''))}" for k in keys)
         lines += [f"## Test metrics of {name or 'the selected configuration'}, mean (sd) over {len(g.metrics)} seed(s)",
                   "", "| test metric | mean (sd) |", "|---|---|"]
         lines += [f"| `{k}` | {_fmt(g.mean(k), g.sd(k))} |" for k in test_metrics(g, SHOWN)]
@@ -160,3 +133,69 @@ def to_csv(groups: list[Group], chosen: list[Group], targets: list[str]) -> str:
                         "val" if is_val_metric(k) else "test", len(g.values(k)), f"{g.mean(k):.6f}",
                         "" if math.isnan(sd) else f"{sd:.6f}"])
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How the validation target ranks the finished configurations against a test metric of the same
+    score: Kendall τ of (direction-adjusted) means, +1 = the same order, 0 = unrelated, −1 = reversed."""
+
+    target: str
+    test_metric: str
+    tau: float
+    n: int
+
+    @property
+    def weak(self) -> bool:
+        return not self.tau >= WEAK_TAU  # NaN (too few configurations, ties only) counts as weak
+
+
+def _same_score_tests(table: dict[str, float], target: str) -> list[str]:
+    """The test metrics of the target's metric and score, one per test set: for
+    ``val_auroc_constant_bpd``, ``auroc_mnist_bpd``, ``auroc_notmnist_bpd``… (scores are read off the
+    ``val_id_{score}`` names, since set names and scores may both hold underscores)."""
+    base = target.removeprefix(VAL)
+    metric = max((m for m in METRICS if base.startswith(m + "_")), key=len, default=None)
+    scores = sorted((k[len(VAL + "id_"):] for k in table if k.startswith(VAL + "id_") and not k.endswith(SD)),
+                    key=len, reverse=True)
+    score = next((s for s in scores if base.endswith("_" + s)), None)
+    if not is_val_metric(target) or metric is None or score is None:
+        return []
+    longer = [m for m in METRICS if m != metric and m.startswith(metric)]  # fpr95 vs fpr95_oodpos
+    return sorted(k for k in table if k.startswith(metric + "_") and k.endswith("_" + score) and not k.endswith(SD)
+                  and not is_val_metric(k) and not any(k.startswith(m + "_") for m in longer))
+
+
+def agreement(groups: list[Group], target: str) -> list[Agreement]:
+    """τ between ``target`` (a ``val_{metric}_{set}_{score}``) and the same metric and score on each
+    test set, over the configurations with finite means of both; [] when the target is no such metric."""
+    tables = [m for g in groups for m in g.metrics]
+    if not tables:
+        return []
+    out = []
+    for test in _same_score_tests(tables[0], target):
+        pairs = [(g.mean(target), g.mean(test)) for g in groups]
+        pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+        tau = math.nan
+        if len(pairs) >= 3:
+            a, b = zip(*pairs)
+            tau = float(kendalltau(a, b).statistic)  # one metric on both sides: one direction
+        out.append(Agreement(target, test, tau, len(pairs)))
+    return out
+
+
+def agreement_markdown(agreements: list[Agreement]) -> str:
+    """The rank agreement lines of a report, with a one-line warning for each weak or negative τ."""
+    if not agreements:
+        return ""
+    lines = ["", "Does validation choose like the test? Kendall τ between the target and the test metric over the "
+             "finished configurations (+1 same order, −1 reversed):", ""]
+    for a in agreements:
+        lines.append(f"- `{a.test_metric}`: τ = {a.tau:.2f} over {a.n} configurations" if math.isfinite(a.tau)
+                     else f"- `{a.test_metric}`: τ undefined ({a.n} configurations; needs 3 with distinct values)")
+    for a in agreements:
+        if a.weak and math.isfinite(a.tau):
+            how = "against" if a.tau < 0 else "only weakly like"
+            lines.append(f"**Warning: `{a.target}` ranks configurations {how} `{a.test_metric}` "
+                         f"(τ = {a.tau:.2f}); choose a validation set that ranks like the test.**")
+    return "\n".join([*lines, ""])
