@@ -102,11 +102,11 @@ def build(args: argparse.Namespace) -> StudySpec:
                  **common_overrides(args))
     if args.fisher_n or args.smoke:
         fixed["fisher_n"] = args.fisher_n or 200
-    seeds = args.seeds
-
     def pretrain_all(final: dict) -> None:
-        for seed in range(seeds):
-            pretrain({**final, "seed": seed})
+        """Every replicate's VAE (seeds seed … seed+seeds−1 of the trials' config), one after another."""
+        first = int(final.get("seed", 0))
+        for seed in range(first, first + int(final.get("seeds", 1))):
+            pretrain({**final, "seed": seed, "seeds": 1})
 
     return StudySpec(
         name=default_name(__file__, args),
