@@ -1,4 +1,5 @@
-# oodlab: `make demo` runs the smoke study, `make test` the tests, `make lint` ruff + mypy; all set up .venv first.
+# oodlab: `make demo` runs the smoke study, `make test` the tests (`make test-fast`: no end-to-end studies),
+# `make lint` ruff + mypy; all set up .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STORAGE ?= oodlab-results
 # share two cores well; TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +25,9 @@ demo: setup  ## smoke study of studies/negprior_shift.py (re-running it resumes,
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+
+test-fast: setup  ## every test but the end-to-end studies (marker `slow`)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow"
 
 lint: setup  ## ruff (style, imports, bugbear) and mypy, both configured in pyproject.toml
 	$(VENV)/bin/ruff check .
