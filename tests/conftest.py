@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,29 @@ def run_study(script: Path, *args: object, ray_tmp: str, timeout: float = 400) -
     """Run a study file to the end as a user would (``python studies/X.py ARGS``); output captured."""
     return subprocess.run([sys.executable, str(script), *map(str, args)], env=study_env(ray_tmp),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def study_main(script: Path, *argv: object) -> int:
+    """A study file's own ``main`` in this process, on ``argv``: the exit code a user's ``python
+    studies/X.py ARGS`` gets (argparse's exit included), without an interpreter start and an import
+    of torch, Ray, Optuna and MLflow per call. For refusals only: a study that passes its checks
+    starts Ray in the test process."""
+    import importlib.util
+
+    if script not in _STUDY_MODULES:
+        spec = importlib.util.spec_from_file_location(f"study_{script.stem}", script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _STUDY_MODULES[script] = module
+    m = _STUDY_MODULES[script]
+    try:
+        return m.main(str(script), m.build, m.configure, [str(a) for a in argv])
+    except SystemExit as e:  # argparse: a bad flag value
+        return e.code if isinstance(e.code, int) else 1
+
+
+_STUDY_MODULES: dict[Path, Any] = {}
 
 
 def start_study(args: Sequence[object], ray_tmp: str) -> subprocess.Popen:

@@ -1,7 +1,5 @@
 """The `oodlab` command and cluster.yaml (validated by Ray's own schema, no cloud calls)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -21,38 +19,43 @@ def test_cluster_yaml_validates_with_ray_schema():
     assert not any(k in text for k in ("aws_secret_access_key", "aws_access_key_id", "AKIA"))  # no credentials
 
 
-def _oodlab(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "oodlab.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+def _oodlab(capsys, *args) -> tuple[int, str, str]:
+    """``oodlab ARGS`` in process: (exit code, stdout, stderr)."""
+    from oodlab.cli import main
+
+    capsys.readouterr()  # what the test itself printed (MLflow's store creation) is not the command's
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_cli_errors_and_list(tmp_path):
-    out = _oodlab("run", "no_such_study")
-    assert out.returncode == 2 and "unknown study 'no_such_study'" in out.stderr and "negprior_shift" in out.stderr
-    out = _oodlab("list", "--storage", tmp_path)
-    assert out.returncode == 1 and "no studies" in out.stdout
-    out = _oodlab("ui", "--storage", tmp_path)
-    assert out.returncode == 2 and "no MLflow store" in out.stderr
+def test_cli_errors_and_list(tmp_path, capsys):
+    code, _, err = _oodlab(capsys, "run", "no_such_study")
+    assert code == 2 and "unknown study 'no_such_study'" in err and "negprior_shift" in err
+    code, out, _ = _oodlab(capsys, "list", "--storage", tmp_path)
+    assert code == 1 and "no studies" in out
+    code, _, err = _oodlab(capsys, "ui", "--storage", tmp_path)
+    assert code == 2 and "no MLflow store" in err
     from mlflow.tracking import MlflowClient
 
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("real_study")
-    out = _oodlab("report", "no_such_study", "--storage", tmp_path)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        f"error: no study 'no_such_study' under {tmp_path}; known: real_study"]
+    code, _, err = _oodlab(capsys, "report", "no_such_study", "--storage", tmp_path)
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: no study 'no_such_study' under {tmp_path}; known: real_study"]
     import optuna
 
     s = optuna.create_study(study_name="demo", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
     s.enqueue_trial({"x": 1.0})
     s.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=2)
-    out = _oodlab("list", "--storage", tmp_path)
-    assert out.returncode == 0
-    row = next(line for line in out.stdout.splitlines() if line.startswith("demo"))
+    code, out, _ = _oodlab(capsys, "list", "--storage", tmp_path)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("demo"))
     assert row.split()[1:5] == ["2", "0", "0", "0"] and row.split()[6] == "no"  # complete running failed pruned
 
 
-def test_cli_run_passes_flags_through(tmp_path):
-    out = _oodlab("run", "negprior_shift", "--smoke", "--storage", tmp_path / "r", "--ood", "bogus")
-    assert out.returncode == 2 and "unknown dataset 'bogus'" in out.stderr
+def test_cli_run_passes_flags_through(tmp_path, capsys):
+    code, _, err = _oodlab(capsys, "run", "negprior_shift", "--smoke", "--storage", tmp_path / "r", "--ood", "bogus")
+    assert code == 2 and "unknown dataset 'bogus'" in err
 
 
 def test_optuna_summary_ranks_trials_and_reports_importance(tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_leftovers, optuna_states, run_study, start_study, wait_until
+from conftest import kill_leftovers, optuna_states, run_study, start_study, study_main, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
@@ -154,10 +154,10 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
     (["--ood", "uniform_noise[channels=3,size=32]"], "shape"),  # OOD set that does not fit the ID set
     (["--epochs", "two"], "invalid int value"),
 ])
-def test_unusable_stores_and_bad_flags_are_refused(tmp_path, ray_tmp, flags, match):
-    out = _run([STUDY, "--smoke", "--storage", tmp_path / "r", *flags], ray_tmp, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert match in out.stderr
+def test_unusable_stores_and_bad_flags_are_refused(tmp_path, capsys, flags, match):
+    """In process (tests/test_check_data.py runs one refusal as a user would, as a subprocess)."""
+    assert study_main(STUDY, "--smoke", "--storage", tmp_path / "r", *flags) == 2
+    assert match in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
