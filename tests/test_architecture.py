@@ -70,13 +70,8 @@ def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
-
-
 def test_no_import_cycle_in_oodlab():
     graph = import_graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        graph[a].discard(b)
     assert graph["oodlab.registry"] >= {"oodlab.methods.negprior", "oodlab.experiment"}  # the graph sees imports
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
@@ -105,11 +100,6 @@ def test_registry_holds_config_and_experiment_classes(name):
     assert issubclass(method.config, TrialConfig) and issubclass(method.experiment, Experiment)
     assert method.config().method == name  # a config built with defaults runs this method
     assert not getattr(method.experiment, "__abstractmethods__", None), "an abstract method is not implemented"
-
-
-def test_experiment_is_abstract():
-    with pytest.raises(TypeError, match="abstract"):
-        Experiment(TrialConfig())  # type: ignore[abstract]
 
 
 def test_adding_a_method_doc_example(monkeypatch, tmp_path):
