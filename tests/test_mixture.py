@@ -1,7 +1,7 @@
-"""Mixture priors (papers 001/003): exact densities, assignment, the categorical VAE, the study end to end."""
+"""Mixture priors (papers 001/003): exact densities, assignment, the categorical VAE, the trial and its figures
+(its study runs through the shared runner, tested end to end by tests/test_readme.py)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +17,6 @@ from oodlab.mixture_priors import MixturePrior, component_means, gen_gaussian_al
 from oodlab.models.mixture_vae import CatVAE, CatVAEConfig
 from oodlab.registry import build_config
 from oodlab.vae_math import log_normal
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------- priors
 
@@ -220,27 +217,3 @@ def test_checkpoint_resume_is_exact(tmp_path):
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         build_config({"method": "mixture", **bad})
-
-
-# ---------------------------------------------------------------- the study, end to end
-
-@pytest.mark.slow
-def test_study_smoke_end_to_end(tmp_path, ray_tmp):
-    from conftest import run_study
-
-    storage = tmp_path / "results"
-    out = run_study(REPO / "studies" / "mixture_distance.py", "--smoke", "--storage", storage, "--train-n", 200,
-                    "--test-n", 60, "--is-samples", 2, ray_tmp=ray_tmp, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "best val_auroc_" in out.stdout  # the default target is a validation metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("mixture_distance-smoke")
-    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "trial"]
-    assert len(trials) >= 2
-    for r in trials:
-        assert r.info.status == "FINISHED"
-        assert 0.0 <= r.data.metrics["auroc_mnist_nll"] <= 1.0 and math.isfinite(r.data.metrics["nll_gap_mnist"])
-        files = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"nll_by_component.png", "latent_axis0.png", "roc.png", "scores.npz"} <= files

@@ -171,3 +171,16 @@ def test_walkthrough_runs_as_written(tmp_path, ray_tmp):
             assert re.search(r"^negprior_shift-smoke\s+2\s", out.stdout, re.M), out.stdout
     assert any(shlex.split(c)[:2] == ["oodlab", "export"] for c in others)
     assert (tmp_path / "export" / "mlflow.db").exists()
+    # What the walkthrough promises in MLflow: each trial's figures and scores, the method's own
+    # (negprior's samples.png) included, and the report on the study's parent run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'oodlab-results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("negprior_shift-smoke").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("oodlab.role") == "trial"]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
+    for r in trials:
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"roc.png", "scores_hist.png", "scores.npz", "metrics.json", "samples.png"} <= files, files
+    parent = next(r for r in runs if r.data.tags.get("oodlab.role") == "parent")
+    assert {"report.md", "selection.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
