@@ -18,6 +18,7 @@ from oodlab.models.vae import VAE, VAEConfig
 from oodlab.registry import build_config, run_trial
 from oodlab.report import PAPER_000, aggregate, bar_plot, paper_reference, to_csv, to_markdown
 from oodlab.scores import iwae_log_likelihood
+from oodlab.trials import group
 from oodlab.vae_math import kl_to_normal
 
 
@@ -219,7 +220,7 @@ def _trial(neg, dec, seed, bpd, kl):
 def test_report_groups_seeds_with_mean_sd_and_paper_numbers(tmp_path):
     trials = [_trial("none", "bernoulli", 0, 0.40, 0.6), _trial("none", "bernoulli", 1, 0.50, 0.7),
               _trial("aux", "bernoulli", 0, 0.97, 0.99), _trial("aux", "bernoulli", 1, 0.99, 1.0)]
-    cells = {(c.negatives, c.score): c for c in aggregate(trials)}
+    cells = {(c.negatives, c.score): c for c in aggregate(group(trials))}
     assert len(cells) == 4
     c = cells[("none", "bpd")]
     assert (

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import optuna_states, sigkill_when, start_study, study_env, study_main
 
@@ -63,12 +64,12 @@ def test_search_flags_make_the_plan():
     args = parse_args(str(STUDY), study["configure"], ["--smoke", "--sampler", "tpe", "--space", "shift=2..10",
                                                        "--set", "lr=3e-4", "--seeds", "2", "--scheduler", "asha"])
     plan = resolve(study["build"](args), args)
-    assert plan.space == {"shift": FloatRange(2.0, 10.0), "neg_weight": FloatRange(0.1, 10.0, log=True),
-                          "seed": Categorical((0, 1))}
-    assert plan.fixed["lr"] == 3e-4 and "lr" not in plan.space and plan.num_samples == 2 * 2  # the smoke grid's size
+    assert plan.space == {"shift": FloatRange(2.0, 10.0), "neg_weight": FloatRange(0.1, 10.0, log=True)}
+    assert plan.fixed["seeds"] == 2  # replicates inside each trial, not a searched dimension
+    assert plan.fixed["lr"] == 3e-4 and "lr" not in plan.space and plan.num_samples == 2  # the smoke grid's size
     assert plan.targets == ("val_auroc_constant_bpd",) and plan.modes == ("max",) and plan.grace_period == 1
     grid = resolve(study["build"](args), parse_args(str(STUDY), study["configure"], ["--smoke", "--seeds", "2"]))
-    assert grid.space == {"shift": Categorical((2.0, 8.0)), "seed": Categorical((0, 1))} and grid.num_samples == 4
+    assert grid.space == {"shift": Categorical((2.0, 8.0))} and grid.num_samples == 2
     other = parse_args(str(STUDY), study["configure"], ["--val-ood", "notmnist,constant"])
     assert resolve(study["build"](other), other).targets == ("val_auroc_notmnist_bpd",)  # follows --val-ood
     multi = parse_args(str(STUDY), study["configure"],
@@ -102,13 +103,15 @@ def _optuna_trials(db: Path, name: str):
 
 @pytest.mark.slow
 def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp):
-    """TPE over a continuous shift with ASHA: SIGKILL the driver once two trials have ended,
-    resume; every trial exactly once in Optuna and MLflow, no epoch trained twice, ASHA's
-    rungs still hold the trials that ended before the kill, stopped trials are PRUNED."""
+    """TPE over a continuous shift with ASHA, two seeds in every trial: SIGKILL the driver once two
+    trials have ended, resume; every trial exactly once in Optuna and MLflow (with its two seed runs),
+    no epoch trained twice, ASHA's rungs still hold the trials that ended before the kill, stopped
+    trials are PRUNED, and what Optuna and ASHA saw is the mean over the seeds."""
     storage, n = tmp_path / "results", 6
     args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "tpe", "--sampler", "tpe",
             "--scheduler", "asha", "--num-samples", str(n), "--space", "shift=2..10", "--set", "neg_weight=1",
-            "--set", "lr=0.0003", "--set", "val_n=300", "--epochs", "3", "--train-n", "1200", "--test-n", "200"]
+            "--set", "lr=0.0003", "--set", "val_n=300", "--epochs", "3", "--train-n", "800", "--test-n", "200",
+            "--seeds", "2"]
     ended = lambda: sum(s in ("COMPLETE", "PRUNED") for s in optuna_states(storage / "optuna.db"))
     sigkill_when(start_study(args, ray_tmp), ray_tmp, lambda: ended() >= 2, "two trials ended")
     before = {t.user_attrs.get("ray_trial_id") for t in _optuna_trials(storage / "optuna.db", "tpe")
@@ -125,6 +128,7 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     ray_ids = [t.user_attrs["ray_trial_id"] for t in ended_trials]
     assert len(set(ray_ids)) == n and before <= set(ray_ids)
     assert any(not float(t.params["shift"]).is_integer() for t in ended_trials)
+    assert all(set(t.params) == {"shift"} for t in trials)  # seeds are replicates, never searched
     pruned = [t for t in ended_trials if t.state.name == "PRUNED"]
     assert pruned, "ASHA stopped no trial"
     assert all(t.user_attrs["stopped_at_epoch"] < 3 and t.value is not None for t in pruned)
@@ -158,6 +162,15 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
         last = stopped.get(tid, 3)
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == list(range(1, last + 1))
         assert (r.data.tags.get("oodlab.stopped_at_epoch") == str(last)) == (tid in stopped)
+        seeds = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")
+        assert sorted(s.data.tags["oodlab.seed"] for s in seeds) == ["0", "1"]
+        assert {s.info.status for s in seeds} == {"FINISHED"}
+        for s in seeds:  # each seed's epochs once, up to where the trial stopped
+            assert [m.step for m in client.get_metric_history(s.info.run_id, "loss")] == list(range(1, last + 1))
+        target = "val_auroc_constant_bpd"
+        value = next(t.value for t in ended_trials if t.user_attrs["ray_trial_id"] == tid)
+        assert value == pytest.approx(np.mean([s.data.metrics[target] for s in seeds]), abs=1e-6)
+        assert r.data.metrics[target] == pytest.approx(value, abs=1e-6)
     parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "parent")
     assert parent.info.status == "FINISHED" and parent.data.tags["oodlab.target"].startswith("val_")
     assert "search/optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}

@@ -224,15 +224,13 @@ def test_report_flags_a_test_target(tmp_path):
 
 def test_selection_modes_and_pareto_front():
     from oodlab import selection
+    from oodlab.trials import group
 
-    assert selection.default_mode("val_auroc_blobs_bpd") == "max"
-    assert selection.default_mode("val_fpr95_blobs_bpd") == "min"
-    assert selection.default_mode("val_id_bpd") == "min"
     assert selection.targets_of({"metric": "val_auroc_blobs_bpd,val_id_bpd", "mode": "max,min"}) == \
         (["val_auroc_blobs_bpd", "val_id_bpd"], ["max", "min"])
     trials = [({"a": str(a), "seed": "0"}, {"v": v, "b": b}) for a, v, b in
               ((1, 0.9, 3.0), (2, 0.8, 2.0), (3, 0.7, 2.5), (4, 0.9, 3.5))]
-    groups = selection.group(trials)
+    groups = group(trials)
     assert [dict(g.config)["a"] for g in selection.select(groups, ["v"], ["max"])] == ["1", "4"]  # a tie keeps both
     front = selection.select(groups, ["v", "b"], ["max", "min"])
     assert sorted(dict(g.config)["a"] for g in front) == ["1", "2"]  # 3 and 4 are dominated
