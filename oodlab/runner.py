@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oodlab import data, ray_connect, stores, tags, tune_internals
+from oodlab import capacity, data, ray_connect, stores, tags, tune_internals
 from oodlab.experiment import ConfigError, metric_name
 from oodlab.registry import build_config
 from oodlab.space import Space, SpaceError, grid_values
@@ -172,17 +172,9 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
     quiet = {"log_to_driver": args.verbose, "logging_level": logging.INFO if args.verbose else logging.WARNING}
     target = ray_connect.init(args.address, num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     log.info("Ray: %s (%s)", "joined " + target.address if target.joins else "local", target.reason)
-    try:
-        hosts = ray_connect.node_hosts()
-        if len(hosts) > 1 and not stores.is_shared(ray_root):
-            raise StudyError(f"the Ray cluster spans {len(hosts)} machines but --checkpoint-storage {ray_root} is "
-                             f"on a local disk ({stores.fs_type(ray_root)}): trials on other nodes could not save or "
-                             "resume checkpoints; pass --checkpoint-storage s3://BUCKET/PREFIX or a shared (NFS) path")
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if args.gpus_per_trial > 0 and gpus < args.gpus_per_trial:
-            raise StudyError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus:g} GPUs; "
-                             "use --gpus-per-trial 0 on CPU-only machines")
-    except StudyError:
+    try:  # the cluster that can be, not only the nodes up now: refuse, default --gpus-per-trial, or wait
+        capacity.check(args, ray_root)
+    except (StudyError, KeyboardInterrupt):
         ray.shutdown()
         raise
     results.mkdir(parents=True, exist_ok=True)  # only now: a refused study writes nothing

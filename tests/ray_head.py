@@ -44,11 +44,12 @@ class Head:
 
 @contextlib.contextmanager
 def ray_head(ray_tmp: str, num_cpus: int = 2, dashboard: bool = False, timeout: float = 120,
-             env: dict[str, str] | None = None):
-    gcs, dash = free_port(), free_port()
+             env: dict[str, str] | None = None, port: int | None = None, extra: tuple[str, ...] = ()):
+    """``extra``: more ``ray start`` flags (e.g. ``--autoscaling-config=FILE``); ``port``: the GCS port."""
+    gcs, dash = port or free_port(), free_port()
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            f"--num-cpus={num_cpus}", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--include-dashboard={str(dashboard).lower()}"]
+           f"--dashboard-agent-listen-port={free_port()}", f"--include-dashboard={str(dashboard).lower()}", *extra]
     if dashboard:
         cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
     log = open(Path(ray_tmp) / "head.log", "wb")  # closed below
