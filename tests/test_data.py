@@ -290,3 +290,15 @@ def test_failed_download_is_data_error(tmp_path, monkeypatch):
 def test_split_specs_keeps_modifier_commas():
     assert data.split_specs("mnist,uniform_noise[channels=3,size=32], npz:/a/b.npz") == [
         "mnist", "uniform_noise[channels=3,size=32]", "npz:/a/b.npz"]
+
+
+def test_at_size_base_name_and_mix_modifier():
+    assert data.at_size("constant", 32) == "constant[size=32]"
+    assert data.at_size("blobs[channels=1]", 32) == "blobs[channels=1,size=32]"
+    assert data.at_size("mnist[size=28]", 32) == "mnist[size=28]"  # an explicit size wins
+    assert data.base_name("overall[mix=equal,size=32]") == "overall" and data.base_name("mnist") == "mnist"
+    noise = data.load("uniform_noise[n=50,size=32]").x.float()
+    assert noise.shape == (50, 1, 32, 32) and (noise[..., 1:] - noise[..., :-1]).abs().mean() > 80  # drawn, not resized
+    for bad, match in (("overall[mix=half]", "mix"), ("constant[mix=paper]", "overall only")):
+        with pytest.raises(data.DataError, match=match):
+            data.validate(bad)
