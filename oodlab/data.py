@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -262,7 +263,7 @@ def _missing(name: str, split: str, path: Path, why: str) -> DataError:
     return DataError(f"{name} ({split} split) not found: looked for {path}. {why} {_FIX}")
 
 
-def _tv_dataset(name: str, root: Path, train: bool, download: bool):
+def _tv_dataset(name: str, root: Path, train: bool, download: bool) -> Any:
     import torchvision.datasets as tvd  # lazy: only needed for these sets
 
     r = str(root)
@@ -279,7 +280,7 @@ def _tv_dataset(name: str, root: Path, train: bool, download: bool):
     return tvd.SVHN(str(root / "svhn"), split="train" if train else "test", download=download)
 
 
-def _download(name: str, split: str, root: Path, where: Path):
+def _download(name: str, split: str, root: Path, where: Path) -> Any:
     """Fetch via torchvision when allowed; otherwise say where we looked and how to fix it."""
     if not _download_allowed():
         raise _missing(name, split, where, "Download is off (OODLAB_DOWNLOAD=0).")

@@ -20,6 +20,7 @@ the stack of per-sample gradients, in one backward pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,7 +46,7 @@ def msp(logits: torch.Tensor) -> torch.Tensor:
     return -logits.softmax(-1).amax(-1)
 
 
-def input_gradient(fn, x: torch.Tensor) -> torch.Tensor:
+def input_gradient(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """∇_x of a per-sample scalar function ``fn: (B, ...) -> (B,)``, per sample, via one backward of the sum."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -110,7 +111,8 @@ class MahalanobisDetector:
         self.g: Gaussian | None = None
 
     @torch.no_grad()
-    def fit(self, model: FeatureModel, x: torch.Tensor, y: torch.Tensor, n_classes: int, batch_size: int = 1000):
+    def fit(self, model: FeatureModel, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+            batch_size: int = 1000) -> MahalanobisDetector:
         feats = torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
         self.g = fit_tied_gaussian(feats, y, n_classes)
         return self
