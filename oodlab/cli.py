@@ -7,8 +7,9 @@
     oodlab ui [--storage DIR] [--port 5000]    # MLflow UI on 127.0.0.1
     oodlab export STUDY DIR [--storage DIR]    # copy a study's Optuna trials, MLflow runs + artifacts to DIR
 
-list/report/ui/export read the stores a study used: --optuna-storage URL and --mlflow-uri URI
-(defaults: $OODLAB_OPTUNA_STORAGE / $MLFLOW_TRACKING_URI, else the sqlite files under --storage).
+list/report/ui/export read the stores a study used: --optuna-storage URL and --mlflow-uri URI if
+given, else the stores the study wrote down in <storage>/stores.json (no passwords: libpq reads
+~/.pgpass), else $OODLAB_OPTUNA_STORAGE / $MLFLOW_TRACKING_URI, else the sqlite files under --storage.
 """
 
 from __future__ import annotations
@@ -58,23 +59,51 @@ def run_study(name: str, args: list[str]) -> int:
     return 0
 
 
+def study_stores(storage: Path, study: str | None, optuna_flag: str | None,
+                 mlflow_flag: str | None) -> tuple[str, str | None, str]:
+    """(Optuna URL, MLflow URI or None for the default sqlite file, checkpoint root) of ``study``:
+    the flags, else what the study wrote in ``<storage>/stores.json``, else the environment's defaults."""
+    mem = stores.remembered(storage).get(study or "", {})
+    optuna = optuna_flag or mem.get("optuna_storage") or os.environ.get("OODLAB_OPTUNA_STORAGE") or None
+    mlflow = mlflow_flag or mem.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if mlflow == stores.default_mlflow_uri(storage):
+        mlflow = None
+    return stores.optuna_url(optuna, storage), mlflow, mem.get("checkpoint_storage") or str(storage / "ray")
+
+
 def list_studies(storage: Path, optuna_url: str | None = None) -> int:
     import optuna
 
+    if not storage.is_dir():
+        raise BadName(f"--storage {storage}: no such folder")
     db = storage / "optuna.db"
-    if not optuna_url and not db.exists():
-        print(f"no studies under {storage} (looked for {db})")
+    urls = [stores.optuna_url(optuna_url, storage)] if optuna_url else []
+    if not urls:  # every store a study of this folder wrote down, then the default file
+        urls = sorted({study_stores(storage, name, None, None)[0] for name in stores.remembered(storage)})
+        env = os.environ.get("OODLAB_OPTUNA_STORAGE")
+        urls += [u for u in ([stores.optuna_url(env, storage)] if env else []) + (
+            [stores.default_optuna_url(storage)] if db.exists() else []) if u not in urls]
+    if not urls:
+        print(f"no studies under {storage} (looked for {db} and {storage / stores.REMEMBERED})")
         return 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = stores.optuna_storage(stores.optuna_url(optuna_url, storage))
     print(f"{'study':32} {'complete':>8} {'running':>8} {'failed':>7} {'pruned':>7} {'best':>8}  {'resumable':9}")
-    for s in optuna.get_all_study_summaries(url):
-        trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
-        count = Counter(t.state.name for t in trials)
-        best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
-        resumable = "yes" if (storage / "ray" / s.study_name).exists() else "no"
-        states = (count["COMPLETE"], count["RUNNING"], count["FAIL"], count["PRUNED"])
-        print(f"{s.study_name:32} {states[0]:8d} {states[1]:8d} {states[2]:7d} {states[3]:7d} {best:>8}  {resumable}")
+    seen: set[str] = set()
+    for url_text in urls:
+        stores.check_reachable(url_text)
+        url = stores.optuna_storage(url_text)
+        for s in optuna.get_all_study_summaries(url):
+            if s.study_name in seen:
+                continue
+            seen.add(s.study_name)
+            trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials(deepcopy=False)
+            count = Counter(t.state.name for t in trials)
+            best = f"{s.best_trial.value:.4f}" if s.best_trial else "-"
+            root = study_stores(storage, s.study_name, None, None)[2]
+            resumable = ("yes" if Path(root, s.study_name).exists() else "no") if "://" not in root else "remote"
+            states = (count["COMPLETE"], count["RUNNING"], count["FAIL"], count["PRUNED"])
+            print(f"{s.study_name:32} {states[0]:8d} {states[1]:8d} {states[2]:7d} {states[3]:7d} {best:>8}  "
+                  f"{resumable}")
     return 0
 
 
@@ -111,6 +140,10 @@ def optuna_summary(storage: Path, study: str, top: int = 5, optuna_url: str | No
 def report_study(storage: Path, study: str, optuna_url: str | None = None, mlflow_uri: str | None = None) -> int:
     from oodlab import report
 
+    optuna_url, mlflow_uri, _ = study_stores(storage, study, optuna_url, mlflow_uri)
+    for url in (optuna_url, mlflow_uri):
+        if url:
+            stores.check_reachable(url)
     if not mlflow_uri and not (storage / "mlflow.db").exists():
         print(f"error: no results under {storage} (looked for {storage / 'mlflow.db'})", file=sys.stderr)
         return 2
@@ -124,6 +157,9 @@ def report_study(storage: Path, study: str, optuna_url: str | None = None, mlflo
 
 
 def ui(storage: Path, port: int, host: str, mlflow_uri: str | None = None) -> int:
+    if not mlflow_uri:  # the tracking store the folder's studies wrote down, when they share one
+        uris = {study_stores(storage, name, None, None)[1] for name in stores.remembered(storage)}
+        mlflow_uri = uris.pop() if len(uris) == 1 else os.environ.get("MLFLOW_TRACKING_URI") or None
     if mlflow_uri and mlflow_uri.startswith(("http:", "https:")):
         print(f"[oodlab] {stores.redact(mlflow_uri)} is a tracking server: open it in a browser")
         return 0
@@ -161,10 +197,10 @@ def dispatch(argv: list[str]) -> int:
     for name in ("list", "report", "ui", "export"):
         q = sub.add_parser(name)
         q.add_argument("--storage", default="oodlab-results", type=Path, help="results root (default ./oodlab-results)")
-        q.add_argument("--optuna-storage", default=os.environ.get("OODLAB_OPTUNA_STORAGE") or None,
-                       help="Optuna storage URL the study used (default: <storage>/optuna.db)")
-        q.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                       help="MLflow tracking URI the study used (default: <storage>/mlflow.db)")
+        q.add_argument("--optuna-storage", help="Optuna storage URL the study used (default: what the study "
+                       "wrote in <storage>/stores.json, else $OODLAB_OPTUNA_STORAGE, else <storage>/optuna.db)")
+        q.add_argument("--mlflow-uri", help="MLflow tracking URI the study used (default: what the study wrote "
+                       "in <storage>/stores.json, else $MLFLOW_TRACKING_URI, else <storage>/mlflow.db)")
         if name in ("report", "export"):
             q.add_argument("study", help="study name (as in `oodlab list`)")
         if name == "export":
@@ -192,9 +228,12 @@ def dispatch(argv: list[str]) -> int:
 def export(storage: Path, study: str, out: Path, optuna_url: str | None, mlflow_uri: str | None) -> int:
     from oodlab.export import ExportError, export_study
 
+    optuna_url, mlflow_uri, _ = study_stores(storage, study, optuna_url, mlflow_uri)
     try:
-        done = export_study(study, out, stores.optuna_url(optuna_url, storage),
-                            mlflow_uri or stores.default_mlflow_uri(storage))
+        for url in (optuna_url, mlflow_uri):
+            if url:
+                stores.check_reachable(url)
+        done = export_study(study, out, optuna_url, mlflow_uri or stores.default_mlflow_uri(storage))
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -159,7 +159,7 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
                 if stores.study_exists(stores.optuna_storage(optuna_url), plan.name):
                     raise StudyError(f"study {plan.name!r} already exists in --optuna-storage "
                                      f"{stores.redact(optuna_url)}; pass --resume or choose another --name")
-        mlflow_uri = args.mlflow_uri or tracking.tracking_uri(results)
+        mlflow_uri = stores.hide_password(args.mlflow_uri or tracking.tracking_uri(results))
         if not mlflow_uri.startswith("sqlite:"):
             stores.check_reachable(mlflow_uri)  # at once: MLflow itself retries a dead database for minutes
             with stores.creation_lock(mlflow_uri):  # a fresh database is migrated here, once
@@ -178,6 +178,7 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
         ray.shutdown()
         raise
     results.mkdir(parents=True, exist_ok=True)  # only now: a refused study writes nothing
+    stores.remember(results, plan.name, optuna_url, mlflow_uri, ray_root)  # `oodlab report --storage` finds them
     if plan.before_run is not None:
         plan.before_run(plan.fixed)
     params = {"metric": ",".join(plan.targets), "mode": ",".join(plan.modes), "sampler": plan.sampler,

@@ -13,10 +13,13 @@ the defaults under ``--storage DIR`` and accept the same durable stores instead:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +58,38 @@ def optuna_url(arg: str | None, results: Path) -> str:
     if scheme not in RDB_SCHEMES:
         raise StoreError(f"--optuna-storage {arg}: expected sqlite:///…, postgresql://…, mysql://… "
                          "or journal:///abs/path/file.log")
-    return arg
+    return hide_password(arg)
+
+
+def hide_password(url: str) -> str:
+    """A PostgreSQL URL with a password: the password moves to a private libpq password file
+    (``$PGPASSFILE``, mode 0600, in this process's temp dir, the user's own ``~/.pgpass`` lines
+    after it) and the URL without it is returned. Why: Optuna's storage object, Tune's pickled
+    experiment state (``tuner.pkl``, searcher state) and MLflow callbacks keep the URL they are
+    given, and they are written next to the checkpoints (S3, NFS). Other URLs are returned as given.
+    """
+    if url.split("://", 1)[0].split("+", 1)[0] != "postgresql" or strip_password(url) == url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    esc = lambda v: str(v).replace("\\", "\\\\").replace(":", "\\:")
+    line = ":".join(esc(v) for v in (u.host or "*", u.port or "*", u.database or "*", u.username or "*", u.password))
+    global _PASSFILE
+    if _PASSFILE is None:
+        own = os.environ.get("PGPASSFILE") or str(Path.home() / ".pgpass")
+        folder = tempfile.mkdtemp(prefix="oodlab-pg-")
+        atexit.register(shutil.rmtree, folder, True)
+        _PASSFILE = Path(folder) / "pgpass"
+        _PASSFILE.touch(mode=0o600)
+        if Path(own).is_file():
+            _PASSFILE.write_text(Path(own).read_text())
+        os.environ["PGPASSFILE"] = str(_PASSFILE)
+    _PASSFILE.write_text(line + "\n" + _PASSFILE.read_text())  # first match wins in libpq
+    return strip_password(url)
+
+
+_PASSFILE: Path | None = None
 
 
 def journal_path(url: str) -> str:
@@ -103,12 +137,71 @@ def _connect_timeout(url: str) -> dict[str, Any]:
 
 
 def redact(url: str) -> str:
-    """``url`` without a password (errors are printed and logged)."""
+    """``url`` with its password shown as ``***`` (errors are printed and logged)."""
+    return _without_password(url, "***")
+
+
+def strip_password(url: str) -> str:
+    """``url`` with no password at all: what a study may write down (``remember``). libpq finds the
+    password again in ``~/.pgpass`` or ``$PGPASSWORD``; MySQL and servers need it given again."""
+    return _without_password(url, None)
+
+
+def _without_password(url: str, mask: str | None) -> str:
+    """Database URLs through SQLAlchemy's own URL parser (``render_as_string(hide_password=…)``);
+    a tracking server's ``http(s)://user:pw@host`` by hand: SQLAlchemy parses only database URLs
+    and its ``hide_password`` has no way to drop the password instead of masking it."""
     head, sep, rest = url.partition("://")
-    if "@" not in rest:
+    if "@" not in rest.split("/", 1)[0] and "@" not in rest.rpartition("@")[0]:
         return url
+    if head.split("+", 1)[0] in RDB_SCHEMES:
+        from sqlalchemy.engine import URL, make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            pass
+        else:
+            if parsed.password is None:
+                return url
+            if mask is None:
+                bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port,
+                                  parsed.database, parsed.query)
+                return bare.render_as_string(hide_password=False)
+            return parsed.render_as_string(hide_password=True)
     cred, _, host = rest.rpartition("@")
-    return f"{head}{sep}{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
+    if ":" not in cred:
+        return url
+    user = cred.split(":", 1)[0]
+    return f"{head}{sep}{user}{':' + mask if mask else ''}@{host}"
+
+
+# ---------------------------------------------------------------- a study's stores, remembered
+
+REMEMBERED = "stores.json"
+
+
+def remember(results: Path, study: str, optuna: str, mlflow: str, checkpoints: str) -> None:
+    """Write down in ``results/stores.json`` which stores ``study`` uses (never a password), so
+    ``oodlab list/report/export/ui --storage results`` find them without the study's flags."""
+    path = results / REMEMBERED
+    with creation_lock(f"sqlite:///{path}"):  # studies sharing a results folder write it in turn
+        known = remembered(results)
+        known[study] = {"optuna_storage": strip_password(optuna), "mlflow_uri": strip_password(mlflow),
+                        "checkpoint_storage": strip_password(checkpoints)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+
+def remembered(results: Path) -> dict[str, dict[str, str]]:
+    """``{study: {"optuna_storage", "mlflow_uri", "checkpoint_storage"}}`` from ``results/stores.json``."""
+    try:
+        data = json.loads((results / REMEMBERED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
 def study_exists(storage: Any, name: str) -> bool:
