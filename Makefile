@@ -5,7 +5,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Offline datasets: ../shared/data beside the checkout unless OODLAB_DATA_DIR says otherwise.
 export OODLAB_DATA_DIR ?= $(abspath ../shared/data)
-export RAY_AUTH_MODE ?= disabled
 STORAGE ?= oodlab-results
 # Test processes (pytest-xdist): most of a study test is process start-up and waiting, so two
 # share two cores well; TEST_WORKERS=0 runs everything in one process.

@@ -141,8 +141,10 @@ def _parse_types(config: dict[str, Any]) -> list[NodeType]:
 
 def _types_from_env() -> list[NodeType] | None:
     text = os.environ.get(ENV_NODE_TYPES, "").strip()
-    if not text:
-        return None
+    return _types_from_env_text(text) if text else None
+
+
+def _types_from_env_text(text: str) -> list[NodeType]:
     try:
         spec = json.loads(text)
         return [NodeType(name, {k: float(v) for k, v in t["resources"].items()}, int(t.get("max_workers", 0)))

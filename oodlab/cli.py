@@ -64,8 +64,16 @@ def study_stores(storage: Path, study: str | None, optuna_flag: str | None,
     """(Optuna URL, MLflow URI or None for the default sqlite file, checkpoint root) of ``study``:
     the flags, else what the study wrote in ``<storage>/stores.json``, else the environment's defaults."""
     mem = stores.remembered(storage).get(study or "", {})
-    optuna = optuna_flag or mem.get("optuna_storage") or os.environ.get("OODLAB_OPTUNA_STORAGE") or None
-    mlflow = mlflow_flag or mem.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+    def pick(flag: str | None, key: str, env_name: str) -> str | None:
+        env = os.environ.get(env_name) or None
+        if flag or not mem.get(key):
+            return flag or env
+        # the same store, with the password the study did not write down (e.g. a Kubernetes Secret)
+        return env if env and stores.strip_password(env) == mem[key] else mem[key]
+
+    optuna = pick(optuna_flag, "optuna_storage", "OODLAB_OPTUNA_STORAGE")
+    mlflow = pick(mlflow_flag, "mlflow_uri", "MLFLOW_TRACKING_URI")
     if mlflow == stores.default_mlflow_uri(storage):
         mlflow = None
     return stores.optuna_url(optuna, storage), mlflow, mem.get("checkpoint_storage") or str(storage / "ray")

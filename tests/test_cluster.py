@@ -2,7 +2,9 @@
 file, refusing node-local checkpoints on a multi-machine cluster, and cluster.yaml's pins."""
 
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,20 +39,107 @@ def test_pins_match_the_installed_stack():
     assert pinned("mlflow") == mlflow.__version__
 
 
-def test_cluster_yaml_installs_the_pinned_ray():
-    text = (REPO / "cluster.yaml").read_text()
-    cfg = yaml.safe_load(text)
-    ray_version = pinned("ray")
-    image = cfg["docker"]["image"]
-    assert image.startswith("rayproject/ray:") and f":{ray_version}-" in image and "gpu" in image, image
-    installs = " ".join(cfg["setup_commands"])
-    assert f"ray[default,tune]=={ray_version}" in installs.replace("'", "").replace('"', "")
-    assert re.search(r"pip install .*-e ~/oodlab\b", installs)  # the synced tree, on every node
-    # .gitignore'd files (.venv, results) are not synced to the nodes
-    assert cfg["rsync_filter"] == [".gitignore"] and cfg["rsync_exclude"]
-    workers = cfg["available_node_types"]["gpu_worker"]["node_config"]
-    assert "IamInstanceProfile" in workers  # workers reach the s3:// checkpoint bucket too
-    assert "--backend-store-uri" in " ".join(cfg["head_setup_commands"])
+def _cluster_yaml() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_passes_rays_schema():
+    """Ray's own schema (ray-schema.json, as `ray up` checks it); a wrong key fails the same check."""
+    import jsonschema
+    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler.sdk import fillout_defaults
+
+    validate_config(fillout_defaults(_cluster_yaml()))
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(fillout_defaults({**_cluster_yaml(), "head_nodes_type": "head"}))
+
+
+def test_cluster_yaml_nodes_start_from_the_projects_image():
+    cfg, ray_version = _cluster_yaml(), pinned("ray")
+    image = cfg["docker"]["image"]  # the one place: no head_image / worker_image / per-type docker
+    assert image.endswith(f"/oodlab:ray{ray_version}-gpu"), image
+    assert "head_image" not in cfg["docker"] and "worker_image" not in cfg["docker"]
+    assert not any("docker" in t for t in cfg["available_node_types"].values())
+    assert (REPO / "cluster.yaml").read_text().count("oodlab:ray") == 1
+    # the image holds the project: setup installs it only on Ray's plain image (the documented fallback)
+    (install, _) = cfg["setup_commands"]
+    assert install.startswith('python -c "import oodlab, torch, mlflow, optuna" 2>/dev/null || pip install')
+
+
+def test_cluster_yaml_node_types_are_what_studies_need():
+    from oodlab import capacity
+
+    cfg = _cluster_yaml()
+    types = {t.name: t for t in capacity._parse_types(cfg)}
+    cluster = capacity.Cluster(nodes=[{"CPU": 0.0, "_host": "head"}], node_types=list(types.values()),
+                               source="cluster.yaml")
+    assert types["head"].head and types["head"].resources == {"CPU": 0.0}  # trials never on the head
+    assert [t.name for t in cluster.addable({"CPU": 1.0}) if "GPU" not in t.resources] == ["cpu_worker"]
+    gpu = [t.name for t in cluster.addable({"CPU": 1.0, "GPU": 1.0})]
+    assert gpu == ["gpu_worker", "gpu_spot_worker"]
+    nodes = cfg["available_node_types"]
+    assert nodes["gpu_spot_worker"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert "InstanceMarketOptions" not in nodes["gpu_worker"]["node_config"]
+    assert all(nodes[n]["min_workers"] == 0 for n in ("cpu_worker", "gpu_worker", "gpu_spot_worker"))
+    assert capacity.default_gpus(cluster)[0] == capacity.DEFAULT_GPU_SHARE  # a plain study trains on GPUs
+    assert cluster.can_span_machines()  # so it needs shared checkpoints
+
+
+def test_token_auth_on_and_never_switched_off():
+    cfg = _cluster_yaml()
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the laptop's token, on every node
+    for cmd in (cfg["head_start_ray_commands"][-1], cfg["worker_start_ray_commands"][-1]):
+        assert "RAY_AUTH_MODE=token" in cmd and "ray start" in cmd
+    for f in ("cluster.yaml", "Dockerfile", "Makefile", "k8s/rayjob.yaml"):
+        assert "RAY_AUTH_MODE=disabled" not in (REPO / f).read_text(), f
+    job = yaml.safe_load((REPO / "k8s" / "rayjob.yaml").read_text())
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+
+
+def test_no_secret_is_synced_and_the_head_boots_without_cluster_env(tmp_path):
+    """cluster.env is committed and holds names only; every command that reads it first checks it is
+    there; the head's first setup command runs with and without it (no SSM parameter: nothing fetched)."""
+    cfg = _cluster_yaml()
+    assert "rsync_filter" not in cfg  # .gitignore'd files are not what keeps secrets out: there are none
+    tracked = subprocess.run(["git", "ls-files", "cluster.env"], cwd=REPO, capture_output=True, text=True).stdout
+    assert tracked.strip() == "cluster.env"
+    for line in (REPO / "cluster.env").read_text().splitlines():
+        name, _, value = line.partition("=")
+        if line and not line.startswith("#"):
+            assert value.split("#")[0].strip() == "", f"cluster.env must stay empty in git: {name}"
+    assert not re.search(r"://[^/\s@]+:[^/\s@]+@", (REPO / "cluster.env").read_text())  # no user:password@
+    commands = cfg["head_setup_commands"] + cfg["head_start_ray_commands"]
+    for cmd in commands:
+        if "cluster.env" in cmd:
+            assert cmd.startswith("if [ -f ~/oodlab/cluster.env ]; then"), cmd
+    assert "oodlab.tracking_server" in cfg["head_setup_commands"][1]  # the watched MLflow server
+    first = cfg["head_setup_commands"][0]
+    for with_env in (False, True):
+        home = tmp_path / f"home{with_env}"
+        (home / "oodlab").mkdir(parents=True)
+        if with_env:
+            shutil.copy(REPO / "cluster.env", home / "oodlab" / "cluster.env")
+        out = subprocess.run(["bash", "-c", first], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not (home / ".pgpass").exists(), out.stderr
+
+
+def test_iam_policies_grant_what_the_cluster_needs():
+    cfg = _cluster_yaml()
+    head = json.loads((REPO / "iam" / "oodlab-head-policy.json").read_text())
+    worker = json.loads((REPO / "iam" / "oodlab-worker-policy.json").read_text())
+    nodes = cfg["available_node_types"]
+    assert nodes["head"]["node_config"]["IamInstanceProfile"] == {"Name": "oodlab-head"}
+    worker_profiles = {nodes[n]["node_config"]["IamInstanceProfile"]["Name"] for n in nodes if n != "head"}
+    assert worker_profiles == {"oodlab-worker"}
+    allowed = {a: s["Resource"] for s in head["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str)
+                                                                      else s["Action"])}
+    assert allowed["iam:PassRole"] == ["arn:aws:iam::ACCOUNT_ID:role/oodlab-worker",
+                                       "arn:aws:iam::ACCOUNT_ID:instance-profile/oodlab-worker"]
+    for action in ("ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances"):
+        assert action in allowed
+    assert {a for s in worker["Statement"] for a in s["Action"]} == {"s3:GetObject", "s3:PutObject",
+                                                                      "s3:DeleteObject", "s3:ListBucket"}
 
 
 # --- ray_connect: where a driver without --address goes -------------------------------------------
@@ -185,7 +274,16 @@ def test_rayjob_manifest_runs_a_real_study_that_resumes_on_retry(tmp_path):
     mod_spec.loader.exec_module(study)
     args = parse_args(str(study_file), study.configure, flags)  # the study's own parser
     assert args.storage == "/results" and args.checkpoint_storage.startswith("/results/")
-    assert args.optuna_storage.startswith("journal:///results/") and not args.resume
+    assert args.mlflow_uri == _mlflow_service_url() and not args.resume  # the tracking server, not sqlite
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    assert env["OODLAB_OPTUNA_STORAGE"]["valueFrom"] == {"secretKeyRef": {"name": "oodlab-stores", "key": "optuna-db"}}
+    # the worker groups, as the study's capacity check reads them (KubeRay's autoscaler is in another container)
+    from oodlab import capacity
+
+    types = {t.name: t for t in capacity._types_from_env_text(env["OODLAB_NODE_TYPES"]["value"])}
+    limits = worker["containers"][0]["resources"]["limits"]
+    resources = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])}
+    assert types == {"gpu": capacity.NodeType("gpu", resources, gpu["maxReplicas"])}
     assert parse_args(str(study_file), study.configure, [*flags, "--resume"]).resume
 
     # run_study.sh: first attempt runs, a retry (the study's folder on the volume exists) resumes
@@ -197,3 +295,50 @@ def test_rayjob_manifest_runs_a_real_study_that_resumes_on_retry(tmp_path):
     (Path(args.checkpoint_storage.replace("/results", str(tmp_path / "results"))) / args.name).mkdir(parents=True)
     retry = run()
     assert retry.returncode == 0 and retry.stdout.split()[1:] == [*local, "--resume"]
+
+
+def _mlflow_manifest() -> tuple[dict, dict]:
+    deployment, service = yaml.safe_load_all((REPO / "k8s" / "mlflow.yaml").read_text())
+    return deployment, service
+
+
+def _mlflow_service_url() -> str:
+    _, service = _mlflow_manifest()
+    return f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
+def test_mlflow_deployment_is_a_tracking_server_on_a_database():
+    deployment, service = _mlflow_manifest()
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"] == pod["metadata"]["labels"] == deployment["spec"]["selector"]["matchLabels"]
+    (c,) = pod["spec"]["containers"]
+    assert c["image"].endswith(f"/oodlab:ray{pinned('ray')}-cpu")  # the project's pinned MLflow
+    args = c["args"]
+    flag = lambda name: args[args.index(name) + 1]
+    assert flag("--backend-store-uri") == "$(MLFLOW_DB)" and "sqlite" not in " ".join(args)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_DB"]["valueFrom"] == {"secretKeyRef": {"name": "oodlab-stores", "key": "mlflow-db"}}
+    assert flag("--artifacts-destination").startswith("/results/")
+    assert c["volumeMounts"][0]["mountPath"] == "/results"
+    assert service["metadata"]["name"] in flag("--allowed-hosts").split(",")  # MLflow 3 checks the Host header
+    assert c["readinessProbe"]["httpGet"]["path"] == c["livenessProbe"]["httpGet"]["path"] == "/health"
+    # every flag exists in the pinned MLflow's `mlflow server`
+    help_text = subprocess.run([sys.executable, "-m", "mlflow", "server", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    for a in args:
+        if a.startswith("--"):
+            assert re.search(rf"^\s+(-\w, )?{re.escape(a)}[\s/]", help_text, re.M), a
+    assert c["command"] == ["python", "-m", "mlflow", "server"]
+
+
+def test_postgres_manifest_makes_both_databases_from_a_secret():
+    config, stateful, service = yaml.safe_load_all((REPO / "k8s" / "postgres.yaml").read_text())
+    assert "CREATE DATABASE mlflow;" in config["data"]["databases.sql"]
+    assert "CREATE DATABASE optuna;" in config["data"]["databases.sql"]
+    (c,) = stateful["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "oodlab-postgres"
+    assert "value" not in env["POSTGRES_PASSWORD"]
+    assert stateful["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert service["spec"]["selector"] == stateful["spec"]["template"]["metadata"]["labels"]
