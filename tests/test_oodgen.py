@@ -332,13 +332,30 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
     assert (tmp_path / "ood_samples.png").stat().st_size > 5000
 
 
+def test_ood_pools_follow_the_notebooks_schedule():
+    """Type I pool redrawn every type1_every epochs, Type II every epoch; batches draw from them."""
+    exp = oodgen.Experiment(build_config(dict(method="oodgen", train_n=96, test_n=20, epochs=3, cvae_epochs=1,
+                                              batch_size=48, baselines=False, type1_every=2, device="cpu")))
+    exp.step()
+    assert exp.pools is not None and exp.pools[0].shape == exp.pools[1].shape == (96, 1, 28, 28)
+    first = tuple(p.clone() for p in exp.pools)
+    exp.step()  # classifier epoch 1: Type I kept, Type II redrawn
+    assert torch.equal(exp.pools[0], first[0]) and not torch.equal(exp.pools[1], first[1])
+    exp.step()  # epoch 2: both redrawn
+    assert not torch.equal(exp.pools[0], first[0])
+    x, m1 = exp.from_pools(10)
+    assert x.shape == (10, 1, 28, 28) and m1 == 5
+    pool_rows = torch.cat(exp.pools).flatten(1)
+    assert all((pool_rows == r).all(1).any() for r in x.flatten(1))  # every batch sample is a pool sample
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(beta_low=1.0, beta_high=0.5), "beta_low"), (dict(radius_factor=0.9), "radius_factor"),
     (dict(type1_frac=1.5), "type1_frac"), (dict(optimizer="lbfgs"), "optimizer"),
     (dict(ood_weight=-1.0), "ood_weight"), (dict(mc_samples=0), "mc_samples"),
     (dict(cvae_arch="vgg"), "cvae_arch"), (dict(type1_direction="x"), "type1_direction"),
     (dict(beta_sign="neg"), "beta_sign"), (dict(cvae_optimizer="sgd"), "cvae_optimizer"),
-    (dict(clf_arch="vgg"), "clf_arch"), (dict(adadelta_rho=1.0), "adadelta_rho"),
+    (dict(clf_arch="vgg"), "clf_arch"), (dict(adadelta_rho=1.0), "adadelta_rho"), (dict(type1_every=0), "type1_every"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -70,6 +70,10 @@ class Config(TrialConfig):
     quantile: float = 0.95  # the ellipsoid holds this fraction of each class's training latents
     type1_frac: float = 0.5  # fraction of generated OOD samples that are Type I (rest Type II)
     ood_ratio: float = 1.0  # generated OOD samples per ID sample in a batch
+    ood_pools: bool = True  # the notebook's schedule: one Type I sample per training image redrawn every
+    # `type1_every` classifier epochs, one Type II per training image (its label) every epoch, batches
+    # index both; False: fresh Type I / II samples drawn for every batch
+    type1_every: int = 5  # classifier epochs between Type I pool redraws (the notebook: 5)
     ood_weight: float = 0.1  # weight of the OOD class in the cross-entropy (paper: 0.1)
     optimizer: str = "adadelta"  # classifier optimizer: adadelta | adam | sgd
     adadelta_rho: float = 0.95  # Adadelta's decay ρ (Keras, the authors' notebook: 0.95; PyTorch's default 0.9)
@@ -102,6 +106,7 @@ class Config(TrialConfig):
             (0 < self.quantile < 1, f"quantile must be in (0, 1), got {self.quantile}"),
             (0 <= self.type1_frac <= 1, f"type1_frac must be in [0, 1], got {self.type1_frac}"),
             (0 < self.ood_ratio <= 10, f"ood_ratio must be in (0, 10], got {self.ood_ratio}"),
+            (self.type1_every >= 1, f"type1_every must be >= 1, got {self.type1_every}"),
             (self.ood_weight >= 0, f"ood_weight must be >= 0, got {self.ood_weight}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"),
             (0 < self.adadelta_rho < 1 and self.adadelta_eps > 0,
@@ -192,6 +197,9 @@ class Experiment(BaseExperiment[Config]):
         self.opt = {k: classifier_optimizer(cfg, m.parameters()) for k, m in self.clf.items()}
         self.latents: LatentGaussians | None = None
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)  # batch order, OOD draws
+        self.pool_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)  # the pools' draws
+        self.pools: tuple[torch.Tensor, torch.Tensor] | None = None  # (Type I, Type II), one per training image
+        self.type1_state: torch.Tensor | None = None  # pool_gen's state when the Type I pool was drawn
 
     # ---- CVAE
     def train_cvae(self, epochs: int) -> dict[str, float]:
@@ -218,6 +226,43 @@ class Experiment(BaseExperiment[Config]):
         return torch.cat([self.cvae.encode(data.to_float(self.train_x[i : i + bs]), self.train_y[i : i + bs])[0]
                           for i in range(0, len(self.train_x), bs)])
 
+    def draw_pool(self, kind: str, gen: torch.Generator) -> torch.Tensor:
+        """One Type I (``kind="type1"``, from each training image) or Type II (each image's label)
+        sample per training image, in evaluation-size batches: (N, C, H, W)."""
+        bs, out = self.cfg.eval_batch_size, []
+        assert self.latents is not None, "train_cvae fits the latent Gaussians first"
+        for i in range(0, len(self.train_x), bs):
+            y = self.train_y[i : i + bs]
+            if kind == "type1":
+                out.append(type1(self.cvae, data.to_float(self.train_x[i : i + bs]), y, self.cfg.type1_spec, gen))
+            else:
+                out.append(type2(self.cvae, self.latents, y, self.cfg.radius_factor, gen))
+        return torch.cat(out)
+
+    def refresh_pools(self) -> None:
+        """At the start of classifier epoch k (0-based): the Type I pool when k is a multiple of
+        ``type1_every`` (or when missing: rebuilt from its saved draw state after a resume), the
+        Type II pool every epoch."""
+        k = self.epoch
+        if k % self.cfg.type1_every == 0 or self.pools is None and self.type1_state is None:
+            self.type1_state = self.pool_gen.get_state()
+            pool1 = self.draw_pool("type1", self.pool_gen)
+        elif self.pools is None:
+            assert self.type1_state is not None
+            replay = torch.Generator(device=self.device)
+            replay.set_state(self.type1_state)
+            pool1 = self.draw_pool("type1", replay)
+        else:
+            pool1 = self.pools[0]
+        self.pools = (pool1, self.draw_pool("type2", self.pool_gen))
+
+    def from_pools(self, m: int) -> tuple[torch.Tensor, int]:
+        """m OOD samples at random indices (with replacement, as the notebook): Type I then Type II."""
+        assert self.pools is not None, "refresh_pools runs at the start of every classifier epoch"
+        j = torch.randint(len(self.train_x), (m,), generator=self.gen, device=self.device)
+        m1 = round(self.cfg.type1_frac * m)
+        return torch.cat([self.pools[0][j[:m1]], self.pools[1][j[m1:]]]), m1
+
     def generate(self, m: int) -> tuple[torch.Tensor, int]:
         """m OOD samples (Type I then Type II) from random training images / labels, and the Type I count."""
         cfg = self.cfg
@@ -232,12 +277,15 @@ class Experiment(BaseExperiment[Config]):
     def train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         out = self.train_cvae(cfg.cvae_epochs) if self.epoch == 0 else {}
+        if cfg.ood_pools:
+            self.refresh_pools()
         for m in self.clf.values():
             m.train()
+        draw = self.from_pools if cfg.ood_pools else self.generate
 
         def step(idx: torch.Tensor) -> dict[str, float]:
             x, y = data.to_float(self.train_x[idx]), self.train_y[idx]
-            x_ood, _ = self.generate(max(1, round(cfg.ood_ratio * len(idx))))
+            x_ood, _ = draw(max(1, round(cfg.ood_ratio * len(idx))))
             parts = {"loss_n1": self.step_n1(x, y, x_ood)}
             if cfg.baselines:
                 parts["loss_plain"] = self.step_plain(x, y)
@@ -348,7 +396,10 @@ class Experiment(BaseExperiment[Config]):
         s: dict[str, Any] = {"cvae": self.cvae.state_dict(), "cvae_opt": self.cvae_opt.state_dict(),
                              "clf": {k: m.state_dict() for k, m in self.clf.items()},
                              "opt": {k: o.state_dict() for k, o in self.opt.items()},
-                             "epoch": self.epoch, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+                             "epoch": self.epoch, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                             "pool_gen": self.pool_gen.get_state()}
+        if self.type1_state is not None:  # the Type I pool is rebuilt from it on resume, not stored
+            s["type1_state"] = self.type1_state
         if self.latents is not None:
             s["latents"] = {"mean": self.latents.mean, "chol": self.latents.chol, "r95": self.latents.r95}
         if self.cfg.baselines:
@@ -372,4 +423,8 @@ class Experiment(BaseExperiment[Config]):
             self.d_opt.load_state_dict(state["gan"]["d_opt"])
         self.epoch = int(state["epoch"])
         self.gen.set_state(state["gen"])
+        if "pool_gen" in state:
+            self.pool_gen.set_state(state["pool_gen"])
+        self.type1_state = state.get("type1_state")
+        self.pools = None
         torch.set_rng_state(state["torch_rng"])
