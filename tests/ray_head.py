@@ -73,10 +73,13 @@ def _ready(head: Head, dashboard: bool) -> bool:
         return False
     if not dashboard:
         return True
+    import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2) as r:
             return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code == 401  # token authentication on: up, and asking for the token
     except OSError:
         return False
