@@ -1,19 +1,23 @@
 """Connect a study's driver to Ray: an explicit address, the cluster already on this node, or a local Ray.
 
-Why: ``ray.init(num_cpus=...)`` raises ``ValueError`` whenever Ray decides on its own to join an
-existing cluster, which it does when a head runs on this node (what ``ray up`` leaves) and also
-when a head died without ``ray stop`` and left its address file behind. So the driver decides
-first, explicitly, and never passes resources when it joins:
+Why this module and not ``ray.init()`` alone: ``ray.init(address=None)`` already joins the cluster
+named by Ray's current-cluster file and otherwise starts a local Ray, but (Ray 2.60) it cannot
+start a local Ray with resources *unless* it does not join (``ray.init(num_cpus=...)`` raises
+``ValueError`` whenever it decides to join) and it trusts a stale file a head left when it died
+without ``ray stop`` (the connection then fails instead of starting a local Ray). So the driver
+decides first, with Ray's own rule for where that file is, and never passes resources when it joins:
 
 - ``--address`` / ``RAY_ADDRESS`` given: join it (``local`` forces a new local Ray);
 - else Ray's current-cluster file names a GCS that answers: join that cluster;
 - else (no file, or a stale one): start a local Ray with ``address="local"``.
+
+A head started with ``ray start --temp-dir DIR`` writes its file under DIR, where neither Ray's
+``ray.init()`` nor this module looks: pass ``--address`` for such a head.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +38,12 @@ class Target:
         return self.address != "local"
 
 
-def ray_temp_dir() -> Path:
-    """Ray's temp root, by Ray's own rule: ``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``; then ``ray``.
-
-    ``ray start --head`` writes its address file here; the test with a real head checks that
-    this rule still matches the installed Ray.
-    """
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    return Path(base) / "ray"
-
-
 def address_file() -> Path:
-    return ray_temp_dir() / "ray_current_cluster"
+    """Ray's current-cluster file, by Ray's own rule (``$RAY_TMPDIR``, else ``$TMPDIR``, else /tmp; then
+    ``ray/ray_current_cluster``). Private: Ray has no public function for it."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
 
 
 def gcs_answers(address: str, timeout: float = 2.0) -> bool:
@@ -86,10 +84,3 @@ def init(address: str | None, num_cpus: int | None = None, **kwargs: Any) -> Tar
         (log.warning if "stale" in target.reason else log.info)("starting a local Ray: %s", target.reason)
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return target
-
-
-def node_hosts() -> set[str]:
-    """IP addresses of the alive nodes of the connected cluster (one per machine)."""
-    import ray
-
-    return {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
