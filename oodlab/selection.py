@@ -78,7 +78,8 @@ def value_text(v: str) -> str:
         x = float(v)
     except (TypeError, ValueError):
         return str(v)
-    return str(v) if x.is_integer() and "." not in str(v) else f"{x:.4g}"
+    short = f"{x:.4g}"
+    return str(v) if float(short) == x else short  # "2.0" stays, 0.00011423254155608379 -> 0.0001142
 
 
 def _fmt(mean: float, sd: float) -> str:

@@ -117,3 +117,8 @@ def test_agreement_between_validation_and_test_ranks():
     fpr = selection.agreement(groups, "val_fpr95_constant_bpd")
     assert [a.test_metric for a in fpr] == ["fpr95_mnist_bpd"]  # not the OOD-positive fpr95_oodpos
     assert math.isnan(selection.agreement(groups[:2], "val_auroc_constant_bpd")[0].tau)  # too few to rank
+
+
+def test_report_tables_print_searched_values_to_four_significant_digits():
+    assert selection.value_text("0.00011423254155608379") == "0.0001142"
+    assert [selection.value_text(v) for v in ("2.0", "8", "aux", "6.390512")] == ["2.0", "8", "aux", "6.391"]
