@@ -82,7 +82,7 @@ def study_stores(storage: Path, study: str | None, optuna_flag: str | None,
 def list_studies(storage: Path, optuna_url: str | None = None) -> int:
     import optuna
 
-    if not storage.is_dir():
+    if not optuna_url and not storage.is_dir():
         raise BadName(f"--storage {storage}: no such folder")
     db = storage / "optuna.db"
     urls = [stores.optuna_url(optuna_url, storage)] if optuna_url else []
