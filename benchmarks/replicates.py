@@ -5,18 +5,21 @@
     python benchmarks/replicates.py --quick            # ~1 min: 1 epoch of 1000 images (ratio not meaningful)
 
 Both sides run paper 000's VAE (negatives aux, 32×32) through Ray Tune with the project's
-trainable, checkpoints every epoch, on the whole machine: **one trial with seeds=4** (every
-core or the whole GPU) against **four trials with seeds=1**, seeds 0–3 (one core each, or a
-quarter GPU each with ``--device cuda``, as many at once as fit). Prints
-``replicates_fused_vs_separate=X``: the one trial's wall time ÷ the four trials' wall time
-(≤ 1.0: replicates in a trial cost no more than separate trials), and the one trial again
-with the other training mode (``fuse=fused`` vs ``looped``), so the per-device default of
+trainable, checkpoints every epoch, the same seed-runs and the same resources per trial, with
+enough trials to fill the machine, as a study of several configurations does: on a CPU, one
+trial per core with **seeds=4** (seeds 4k…4k+3) against **4 trials per core with seeds=1**, one
+core each; on a GPU (``--device cuda``), one trial with seeds=4 on the GPU against four trials
+sharing it at 0.25 GPU each, and against four trials of a whole GPU one after another. Prints
+``replicates_fused_vs_separate=X``: the replicate trials' wall time ÷ the separate trials' wall
+time (≤ 1.0: replicates in a trial cost no more than separate trials), and the replicate trials
+again with the other training mode (``fuse=fused`` vs ``looped``), so the per-device default of
 ``TrialConfig.fuse="auto"`` rests on a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -31,7 +34,7 @@ N = 4
 
 
 def tune_wall(configs: list[dict[str, Any]], cpu: float, gpu: float, storage: str) -> float:
-    """Seconds to run ``configs`` as Tune trials of the project's trainable (one run, all at once)."""
+    """Seconds to run ``configs`` as Tune trials of the project's trainable, as many at once as fit."""
     from ray import tune
 
     from oodlab.trainable import train
@@ -43,7 +46,7 @@ def tune_wall(configs: list[dict[str, Any]], cpu: float, gpu: float, storage: st
     grid = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(reuse_actors=False),
                       run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
     wall = time.perf_counter() - t0
-    errors = [r.error for r in grid if r.error]
+    errors = [grid[i].error for i in range(len(grid)) if grid[i].error]
     if errors:
         raise RuntimeError(f"benchmark trial failed: {errors[0]}")
     return wall
@@ -67,27 +70,32 @@ def main(argv: list[str] | None = None) -> int:
 
     cpus = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if a.device == "cuda" else 0
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     base = dict(method="negprior", negatives="aux", pad=True, epochs=a.epochs, train_n=a.train_n, test_n=1000,
                 val_n=1000, device=a.device)
     fused_default = "fused" if a.device == "cuda" else "looped"
     other = "looped" if fused_default == "fused" else "fused"
     out: dict[str, float] = {}
+    k = cpus if a.device == "cpu" else 1  # replicate trials at once: one per core, or one GPU
+    res = (1, 0.0) if a.device == "cpu" else (1, 1.0)
     with tempfile.TemporaryDirectory() as d:
-        whole = (cpus, 0) if a.device == "cpu" else (1, 1)
-        part = (1, 0) if a.device == "cpu" else (1, 1 / N)
-        out["one_trial_s"] = tune_wall([dict(base, seeds=N, fuse=fused_default)], *whole, f"{d}/a")
-        out["separate_trials_s"] = tune_wall([dict(base, seed=s) for s in range(N)], *part, f"{d}/b")
-        out[f"one_trial_{other}_s"] = tune_wall([dict(base, seeds=N, fuse=other)], *whole, f"{d}/c")
+        reps = [dict(base, seeds=N, seed=N * i, fuse=fused_default) for i in range(k)]
+        out["replicate_trials_s"] = tune_wall(reps, *res, f"{d}/a")
+        separate = [dict(base, seed=s) for s in range(N * k)]
+        out["separate_trials_s"] = tune_wall(separate, *((1, 0.0) if a.device == "cpu" else (1, 1 / N)), f"{d}/b")
+        out[f"replicate_trials_{other}_s"] = tune_wall([dict(r, fuse=other) for r in reps], *res, f"{d}/c")
         if a.device == "cuda":
-            out["separate_trials_whole_gpu_s"] = tune_wall([dict(base, seed=s) for s in range(N)], 1, 1, f"{d}/e")
+            out["separate_trials_whole_gpu_s"] = tune_wall(separate, 1, 1.0, f"{d}/e")
     ray.shutdown()
     name = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU, {cpus} cores"
-    print(f"device: {name}; {N} seeds x {a.epochs} epochs x {a.train_n} images; default mode {fused_default}")
-    for k, v in out.items():
-        print(f"{k}={v:.1f}")
-    print(f"replicates_fused_vs_separate={out['one_trial_s'] / out['separate_trials_s']:.3f}")
-    print(f"{other}_vs_{fused_default}_in_one_trial={out[f'one_trial_{other}_s'] / out['one_trial_s']:.3f}")
+    print(f"device: {name}; {k} trial(s) of {N} seeds vs {N * k} trials; {a.epochs} epochs x {a.train_n} images; "
+          f"default mode {fused_default}")
+    for key, v in out.items():
+        print(f"{key}={v:.1f}")
+    print(f"replicates_fused_vs_separate={out['replicate_trials_s'] / out['separate_trials_s']:.3f}")
+    print(f"{other}_vs_{fused_default}_in_a_trial={out[f'replicate_trials_{other}_s'] / out['replicate_trials_s']:.3f}")
+    if a.device == "cuda":
+        print(f"replicates_vs_whole_gpu_trials={out['replicate_trials_s'] / out['separate_trials_whole_gpu_s']:.3f}")
     return 0
 
 

@@ -12,10 +12,11 @@ benchmarks and tests call, and ``oodlab.trainable`` wraps the same object for Ra
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -235,11 +236,29 @@ def _head(s: data.ImageSet, n: int | None) -> data.ImageSet:
     return s if n is None or n >= len(s) else data.ImageSet(s.x[:n], None if s.y is None else s.y[:n], s.name)
 
 
+_shared: dict[tuple[Any, ...], tuple[data.ImageSet, dict[str, data.ImageSet]]] | None = None
+
+
+@contextlib.contextmanager
+def shared_sets() -> Iterator[None]:
+    """Inside this block ``load_sets`` loads each data configuration once: the replicates of a trial
+    share their (read-only, uint8) sets instead of each decoding and holding its own copy."""
+    global _shared
+    outer, _shared = _shared, {} if _shared is None else _shared
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
 def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, dict[str, data.ImageSet]]:
     """ID training set and every scored set, on device: ``{"id" | ood_key: ...}`` (test) and
     ``{"val_id" | "val_"+val_key: ...}`` (validation). The ID validation images are held out of
     the training split first (``data.holdout``), then the rest is cut to ``train_n``; every scored
     set (test and validation, ID and OOD) is cut to ``test_n``."""
+    key = (cfg.id, cfg.ood, cfg.val_ood, cfg.val_n, cfg.train_n, cfg.test_n, cfg.pad, str(device))
+    if _shared is not None and key in _shared:
+        return _shared[key]
     pad_to = 32 if cfg.pad else None
 
     def load(spec: str, split: str, n: int | None) -> data.ImageSet:
@@ -257,6 +276,8 @@ def load_sets(cfg: TrialConfig, device: torch.device) -> tuple[data.ImageSet, di
              **{score_key(v, "val"): load(data.at_shape(v, native), "test", cfg.test_n) for v in cfg.val_ood}}
     for name, s in tests.items():
         same_shape(name, s.shape, train.shape)
+    if _shared is not None:
+        _shared[key] = (train, tests)
     return train, tests
 
 
@@ -330,7 +351,8 @@ class Experiment(abc.ABC, Generic[C]):
         returns the ID training set (validation images held out)."""
         self.cfg, self.device, self.epoch = cfg, resolve_device(cfg.device), 0
         torch.manual_seed(cfg.seed)
-        train, self.eval_sets = load_sets(cfg, self.device)
+        train, sets = load_sets(cfg, self.device)
+        self.eval_sets = dict(sets)  # the sets may be shared with other replicates (shared_sets): not the dict
         self.test = {k: v for k, v in self.eval_sets.items() if not k.startswith(VAL)}
         return train
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from oodlab.experiment import EpochResult, Experiment, TrialConfig
+from oodlab.experiment import EpochResult, Experiment, TrialConfig, shared_sets
 from oodlab.naming import SD
 from oodlab.registry import build, build_config
 
@@ -70,8 +70,9 @@ class Replicates:
     def __init__(self, config: dict[str, Any] | TrialConfig) -> None:
         self.cfg = build_config(config)
         self.seeds = [self.cfg.seed + i for i in range(self.cfg.seeds)]
-        self.members: list[Experiment[Any]] = [
-            build(dataclasses.replace(self.cfg, seed=s, seeds=1)) for s in self.seeds]
+        with shared_sets():  # one copy of the data for every replicate
+            self.members: list[Experiment[Any]] = [
+                build(dataclasses.replace(self.cfg, seed=s, seeds=1)) for s in self.seeds]
         self.device = self.members[0].device
         self.fused = self._fuse()
 
