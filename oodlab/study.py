@@ -188,6 +188,25 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-n", type=int, help="score only this many images of each test set")
 
 
+def add_config_flags(group: argparse._ArgumentGroup, config: type, helps: dict[str, str]) -> None:
+    """A flag per config field named in ``helps`` (``--batch-size`` for ``batch_size``) whose default is the
+    config's own: written once, in the dataclass, and shown in ``--help``; a flag not given leaves it."""
+    types = field_types(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, text in helps.items():
+        flag = "--" + name.replace("_", "-")
+        if types[name] is bool:
+            group.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            group.add_argument(flag, default=None, metavar=name.upper(), help=f"{text} (default {defaults[name]})")
+
+
+def config_flags(args: argparse.Namespace, config: type, names: Sequence[str]) -> dict[str, Any]:
+    """The config fields given as flags (``add_config_flags``), typed; SpaceError (exit 2) for a bad value."""
+    types = field_types(config)
+    return {n: coerce(types[n], getattr(args, n), n) for n in names if getattr(args, n, None) is not None}
+
+
 SMOKE = {"epochs": 1, "train_n": 2000, "test_n": 500}
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from oodlab import data
+from oodlab.methods.negprior import Config
 from oodlab.runner import main
 from oodlab.space import Categorical, Dimension, FloatRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
+from oodlab.study import StudySpec, ValTarget, add_config_flags, common_overrides, config_flags, default_name
 
 # Paper 000 §IV: shift ∈ {2,4,6,8,10} tried for gray data, {5,10,…,30} for color (chosen: 8 and 25);
 # negative weight and learning rate are searched on log scales around the paper's 1 and 1e-4.
@@ -33,6 +34,13 @@ SPACE: dict[str, Dimension] = {"shift": FloatRange(2, 10), "neg_weight": FloatRa
 COLOR_SPACE = {**SPACE, "shift": FloatRange(5, 30)}
 GRID: dict[str, Dimension] = {"shift": Categorical(tuple(GRAY_SHIFTS))}
 COLOR_GRID: dict[str, Dimension] = {"shift": Categorical(tuple(COLOR_SHIFTS))}
+
+# Config fields with a flag of their own; their defaults live in negprior.Config.
+FLAGS = {"arch": "VAE architecture: auto | gray | color (auto: color for 3-channel data)",
+         "neg_weight": "weight of the negatives' KL term", "pad": "zero-pad 28×28 to 32×32 as the paper does",
+         "batch_size": "batch size", "lr": "learning rate", "optimizer": "rmsprop | adam",
+         "iwae_k": "also score the IWAE bound with k samples (0 = off)", "eval_every": "evaluate every k epochs"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("negative-prior sweep")
@@ -46,17 +54,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "(e.g. none,aux) makes it a grid dimension")
     g.add_argument("--decoder", default="bernoulli", help="noise model: bernoulli | gaussian; a comma list "
                    "makes it a grid dimension")
-    g.add_argument("--arch", default="auto", choices=("auto", "gray", "color"),
-                   help="VAE architecture (auto: color for 3-channel data)")
     g.add_argument("--shifts", help="comma-separated shifts, searched by every sampler (= --space shift=LIST; "
                    "default: the paper grid / range for gray or color data)")
-    g.add_argument("--neg-weight", type=float, default=1.0, help="weight of the negatives' KL term")
-    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 as the paper does")
-    g.add_argument("--batch-size", type=int, default=50)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--optimizer", default="rmsprop", choices=("rmsprop", "adam"))
-    g.add_argument("--iwae-k", type=int, default=0, help="also score the IWAE bound with k samples")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every k epochs")
+    add_config_flags(g, Config, FLAGS)
 
 
 def build(args: argparse.Namespace) -> StudySpec:
@@ -71,10 +71,9 @@ def build(args: argparse.Namespace) -> StudySpec:
     for k, v in listed.items():
         if len(v) > 1:
             space[k] = grid[k] = Categorical(tuple(v))
-    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, arch=args.arch, aux_split=args.aux_split,
-                 **{k: v[0] for k, v in listed.items() if len(v) == 1}, neg_weight=args.neg_weight, pad=args.pad,
-                 batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, iwae_k=args.iwae_k,
-                 eval_every=args.eval_every, **common_overrides(args))
+    fixed = dict(id=args.id, ood=args.ood, aux=args.aux, aux_split=args.aux_split,
+                 **{k: v[0] for k, v in listed.items() if len(v) == 1}, **config_flags(args, Config, FLAGS),
+                 **common_overrides(args))
     return StudySpec(
         name=default_name(__file__, args),
         fixed=fixed,
