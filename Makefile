@@ -28,7 +28,7 @@ test: setup
 test-fast: setup  ## every test but the end-to-end studies (marker `slow`)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow"
 
-lint: setup  ## ruff (style, imports, bugbear) and mypy, both configured in pyproject.toml
+lint: setup  ## ruff (style, imports, bugbear, complexity) and mypy, both configured in pyproject.toml
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
