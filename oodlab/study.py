@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ def add_config_flags(group: argparse._ArgumentGroup, config: type, helps: dict[s
             group.add_argument(flag, default=None, metavar=name.upper(), help=f"{text} (default {defaults[name]})")
 
 
-def config_flags(args: argparse.Namespace, config: type, names: Sequence[str]) -> dict[str, Any]:
+def config_flags(args: argparse.Namespace, config: type, names: Iterable[str]) -> dict[str, Any]:
     """The config fields given as flags (``add_config_flags``), typed; SpaceError (exit 2) for a bad value."""
     types = field_types(config)
     return {n: coerce(types[n], getattr(args, n), n) for n in names if getattr(args, n, None) is not None}

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from oodlab import data
 from oodlab.experiment import ConfigError
-from oodlab.methods.negprior import NEGATIVES
+from oodlab.methods.negprior import NEGATIVES, Config
 from oodlab.runner import main
 from oodlab.space import Categorical, FloatRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
+from oodlab.study import StudySpec, ValTarget, add_config_flags, common_overrides, config_flags, default_name
 
 DEFAULT_NEGATIVES = "none,aux,adversarial,gaussian_noise,uniform_noise"
 SMOKE_NEGATIVES = ["none", "aux", "adversarial"]
@@ -34,6 +34,14 @@ SMOKE_NEGATIVES = ["none", "aux", "adversarial"]
 GRID = {"negatives": Categorical(tuple(DEFAULT_NEGATIVES.split(","))),
         "decoder": Categorical(("bernoulli", "gaussian"))}
 SPACE = {**GRID, "neg_weight": FloatRange(0.1, 10, log=True), "lr": FloatRange(1e-5, 1e-3, log=True)}
+
+
+# Config fields with a flag of their own; their defaults live in negprior.Config.
+FLAGS = {"neg_weight": "weight of the negatives' term", "adv_weight": "weight of L_adv in the adversarial decoder step",
+         "noise_sigma": "σ of inlier_noise negatives (paper: 0.25)",
+         "spectral_norm": "spectral norm on the encoder's convolutions (paper: color + adversarial)",
+         "pad": "zero-pad 28×28 to 32×32 as the paper does", "batch_size": "batch size", "lr": "learning rate",
+         "eval_every": "evaluate every k epochs"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -49,16 +57,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eubo", default="off", choices=("off", "on", "both"),
                    help="EUBO loss on negatives (both = a grid dim)")
     g.add_argument("--shift", type=float, help="negative prior mean shift·1 (default: paper's 8 gray, 25 color)")
-    g.add_argument("--neg-weight", type=float, default=1.0, help="weight of the negatives' term")
-    g.add_argument("--adv-weight", type=float, default=1.0, help="weight of L_adv in the adversarial decoder step")
-    g.add_argument("--noise-sigma", type=float, default=0.25, help="σ of inlier_noise negatives (paper: 0.25)")
-    g.add_argument("--spectral-norm", action="store_true",
-                   help="spectral norm on the encoder (paper: color adversarial)")
-    g.add_argument("--pad", action="store_true", help="zero-pad 28×28 to 32×32 as the paper does")
-    g.add_argument("--batch-size", type=int, default=50)
-    g.add_argument("--lr", type=float, default=1e-4)
+    add_config_flags(g, Config, FLAGS)
     g.add_argument("--optimizer", help="rmsprop | adam (default: paper's rmsprop gray, adam color)")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every k epochs")
 
 
 def _list(text: str | None, default: list[str]) -> list[str]:
@@ -75,9 +75,7 @@ def build(args: argparse.Namespace) -> StudySpec:
     fixed = dict(id=args.id, ood=args.ood, aux=args.aux, aux_split=args.aux_split, method="negprior",
                  shift=args.shift if args.shift is not None else (25.0 if color else 8.0),
                  optimizer=args.optimizer or ("adam" if color else "rmsprop"),
-                 neg_weight=args.neg_weight, adv_weight=args.adv_weight, noise_sigma=args.noise_sigma,
-                 spectral_norm=args.spectral_norm, pad=args.pad, batch_size=args.batch_size, lr=args.lr,
-                 eval_every=args.eval_every, **common_overrides(args))
+                 **config_flags(args, Config, FLAGS), **common_overrides(args))
     grid: dict = {"negatives": negatives, "decoder": decoders}
     if args.eubo == "both":
         grid["eubo"] = [False, True]
