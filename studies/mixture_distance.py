@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from oodlab.methods.mixture import Config
 from oodlab.runner import main
 from oodlab.space import Categorical, FloatRange, IntRange
-from oodlab.study import StudySpec, ValTarget, common_overrides, default_name
+from oodlab.study import StudySpec, ValTarget, add_config_flags, common_overrides, config_flags, default_name
 
 # Log-spaced 10..300 plus the papers' values (VAE 150, Glow 100, CIFAR VAE 200).
 DISTANCES = [10, 20, 50, 100, 150, 200, 300]
@@ -43,23 +44,25 @@ def _list(text: str, cast=str) -> list:
     return [cast(v) for v in text.split(",") if v.strip()]
 
 
+# Config fields with a flag of their own; their defaults live in mixture.Config.
+FLAGS = {"beta": "generalized-Gaussian shape (paper: 4)", "glow_steps": "Glow flow steps (paper 32)",
+         "glow_hidden": "Glow coupling width (OpenAI code 512)",
+         "latent_dim": "latent size (paper: 50 gray, 100 color)",
+         "is_samples": "importance samples per test image (paper 5000)", "batch_size": "batch size",
+         "lr": "Adam(0.5, 0.9) learning rate (paper 1e-3)"}
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixture-prior sweep")
     g.add_argument("--id", default="fashion_mnist[labels=1,7]", help="in-distribution set (default Fashion-MNIST 1,7)")
     g.add_argument("--ood", default="mnist", help="OOD set(s), comma-separated; npz:PATH works (default mnist)")
     g.add_argument("--distances", help=f"comma-separated component distances d (default {DISTANCES})")
     g.add_argument("--families", default="gaussian", help="comma-separated: gaussian, gen_gaussian")
-    g.add_argument("--beta", type=float, default=4.0, help="generalized-Gaussian shape (paper: 4)")
     g.add_argument("--components", default="2", help="comma-separated K values (1 = standard prior)")
     g.add_argument("--assignment", default="labels", help="comma-separated: labels, kmeans")
     g.add_argument("--models", "--model", dest="model", default="vae",
                    help="comma-separated generative models: vae, glow (paper Glow: d=100)")
-    g.add_argument("--glow-steps", type=int, default=8, help="Glow flow steps (paper 32)")
-    g.add_argument("--glow-hidden", type=int, default=64, help="Glow coupling width (OpenAI code 512)")
-    g.add_argument("--latent-dim", type=int, default=50, help="latent size (paper: 50 gray, 100 color)")
-    g.add_argument("--is-samples", type=int, help="importance samples per test image (paper 5000; default 64)")
-    g.add_argument("--batch-size", type=int, default=50)
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam(0.5, 0.9) learning rate (paper 1e-3)")
+    add_config_flags(g, Config, FLAGS)
     g.add_argument("--eval-every", type=int, default=10, help="evaluate every k epochs (IS is costly)")
 
 
@@ -67,13 +70,10 @@ def build(args: argparse.Namespace) -> StudySpec:
     distances = _list(args.distances, float) if args.distances else [float(d) for d in DISTANCES]
     if args.smoke and not args.distances:
         distances = [20.0, 150.0]
-    fixed = dict(method="mixture", id=args.id, ood=args.ood, beta=args.beta, latent_dim=args.latent_dim,
-                 glow_steps=args.glow_steps, glow_hidden=args.glow_hidden,
-                 batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, **common_overrides(args))
+    fixed = dict(method="mixture", id=args.id, ood=args.ood, eval_every=args.eval_every,
+                 **config_flags(args, Config, FLAGS), **common_overrides(args))
     if args.smoke:
         fixed.update({k: v for k, v in SMOKE.items() if getattr(args, k) is None})
-    if args.is_samples is not None:
-        fixed["is_samples"] = args.is_samples
     grid = {"distance": distances, "family": _list(args.families), "components": _list(args.components, int),
             "assignment": _list(args.assignment), "model": _list(args.model)}
     space = dict(SPACE)
