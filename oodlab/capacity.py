@@ -8,8 +8,8 @@ first trial:
 - can any node, up now or of a node type the autoscaler may add, ever hold one trial
   (``{CPU: c, GPU: g}``)? No: exit 2 with one line (``StudyError``), before any compute;
 - is one already up? No: request it from the autoscaler (``ray.autoscaler.sdk.request_resources``)
-  and wait, printing one progress line (nodes requested / up, seconds waited) every
-  ``PROGRESS_S``; ``--wait-for-nodes SECONDS`` bounds the wait (then exit 2).
+  and wait, printing a progress line (nodes requested / up, seconds waited) when those counts change,
+  at least every ``PROGRESS_S``; ``--wait-for-nodes SECONDS`` bounds the wait (then exit 2).
 
 The same node types answer "can this cluster span more than one machine?" (then checkpoints
 need shared storage) and the default ``--gpus-per-trial``: ``DEFAULT_GPU_SHARE`` of a GPU per
@@ -50,7 +50,7 @@ log = logging.getLogger("oodlab")
 # leaves most of a GPU idle; two per GPU roughly doubles the trials per GPU-hour without running
 # out of memory on a 16-24 GB card. --gpus-per-trial 1 gives each trial a whole GPU.
 DEFAULT_GPU_SHARE = 0.5
-PROGRESS_S = 10.0  # one progress line this often while waiting for the autoscaler
+PROGRESS_S = 60.0  # while waiting for the autoscaler: a progress line when the counts change, else this often
 POLL_S = 1.0
 ENV_NODE_TYPES = "OODLAB_NODE_TYPES"
 
@@ -319,22 +319,23 @@ def wait_for_node(bundle: dict[str, float], cluster: Cluster, limit: float | Non
     start = last = time.monotonic()
     request_resources(bundles=[bundle])
     try:
-        first = True
+        shown: tuple[int | None, int] | None = None
         while True:
             waited = time.monotonic() - start
-            up = sum(fits(n, bundle) for n in alive_nodes())
+            nodes = alive_nodes()
+            up = sum(fits(n, bundle) for n in nodes)
             if up:
                 log.info("a node for %s is up after %.0f s; trials start", fmt(bundle), waited)
                 return
             if limit is not None and waited >= limit:
                 raise StudyError(f"--wait-for-nodes {limit:g}: no node for one trial {fmt(bundle)} came up within "
                                  f"{limit:g} s (node types that hold it: {types}); see `ray status` on the head")
-            if first or time.monotonic() - last >= PROGRESS_S:
-                pending = pending_launches()
+            state = (pending_launches(), len(nodes))
+            if state != shown or time.monotonic() - last >= PROGRESS_S:
                 log.info("waiting for the autoscaler: a node for one trial %s (%s); nodes requested %s, up %d/%d; "
-                         "%.0f s waited%s", fmt(bundle), types, "?" if pending is None else pending, up,
-                         len(alive_nodes()), waited, f" of {limit:g}" if limit is not None else "")
-                first, last = False, time.monotonic()
+                         "%.0f s waited%s", fmt(bundle), types, "?" if state[0] is None else state[0], up,
+                         state[1], waited, f" of {limit:g}" if limit is not None else "")
+                shown, last = state, time.monotonic()
             time.sleep(POLL_S)
     finally:
         request_resources(bundles=[])  # a persistent request: clear it; Tune's own demand takes over
