@@ -73,8 +73,11 @@ def check_study_flags(script: Path, argv: list[str]) -> None:
     validate(resolve(study["build"](args), args), args)
 
 
-def test_readme_is_short():
-    assert len(README.read_text().splitlines()) <= 200
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert links and not [link for link in links if not link.startswith("http") and not (REPO / link).exists()]
 
 
 def test_every_readme_command_has_a_check_and_passes_it(tmp_path):
