@@ -66,14 +66,14 @@ def _runs(uri, study):
 
 @pytest.mark.slow
 def test_study_on_postgres_survives_sigkill_then_exports(tmp_path, ray_tmp, pg):
-    """A grid study on PostgreSQL, checkpoints on a separate (shared) path as on a cluster and a
-    user's npz OOD set; the driver is SIGKILLed once a trial is COMPLETE, then resumed."""
+    """A grid study of two seeds per trial on PostgreSQL, checkpoints on a separate (shared) path as on a
+    cluster and a user's npz OOD set; the driver is SIGKILLed once a trial is COMPLETE, then resumed."""
     ot, ml = pg.createdb("optuna_e2e"), pg.createdb("mlflow_e2e")
     storage, nfs, npz = tmp_path / "r", tmp_path / "nfs", tmp_path / "digits.npz"
     np.savez(npz, x=data.load("mnist", "test").x[-300:, 0].numpy())  # a user set, N×H×W uint8
     args = [sys.executable, STUDY, "--storage", storage, "--name", "pg", "--shifts", "2,4,6", *TINY,
             "--max-concurrent", "1", "--optuna-storage", ot, "--mlflow-uri", ml, "--checkpoint-storage", nfs,
-            "--ood", f"mnist,npz:{npz}"]
+            "--ood", f"mnist,npz:{npz}", "--seeds", "2"]
     sigkill_when(start_study(args, ray_tmp), ray_tmp, lambda: pg_states(ot).count("COMPLETE") >= 1, "a trial COMPLETE")
     assert pg_states(ot).count("COMPLETE") < 3, "the kill came too late to test resume"
     finished = {p.parent.name for p in (nfs / "pg").glob("trial_*/result.json") if len(p.read_text().splitlines()) == 2}
@@ -100,21 +100,31 @@ def test_study_on_postgres_survives_sigkill_then_exports(tmp_path, ray_tmp, pg):
     trials = _trials(ot, "pg")  # one COMPLETE trial per grid point, none left RUNNING
     assert sorted(t.params["shift"] for t in trials if t.state.name == "COMPLETE") == [2.0, 4.0, 6.0]
     assert "RUNNING" not in {t.state.name for t in trials}
+    assert all(set(t.params) == {"shift"} for t in trials)  # seeds are replicates, never searched
     client, parents, children = _runs(ml, "pg")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    for r in children:
+    for r in children:  # the trial's run: the mean over its seeds; a nested run per seed with its own figures
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
         assert 0.0 <= r.data.metrics["auroc_digits_bpd"] <= 1.0  # the npz OOD set is scored on its own
-        files = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"roc.png", "scores_hist.png", "scores.npz", "metrics.json"} <= files
+        assert "auroc_digits_bpd_sd" in r.data.metrics and "metrics.json" in {
+            a.path for a in client.list_artifacts(r.info.run_id)}
+        seeds = client.search_runs([r.info.experiment_id], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")
+        assert sorted(s.data.tags["oodlab.seed"] for s in seeds) == ["0", "1"]
+        assert {s.info.status for s in seeds} == {"FINISHED"}
+        assert r.data.metrics["auroc_digits_bpd"] == pytest.approx(
+            np.mean([s.data.metrics["auroc_digits_bpd"] for s in seeds]), abs=1e-6)
+        for s in seeds:  # each seed's epochs logged once, its figures and scores on its own run
+            assert [m.step for m in client.get_metric_history(s.info.run_id, "loss")] == [1, 2]
+            files = {a.path for a in client.list_artifacts(s.info.run_id)}
+            assert {"roc.png", "scores_hist.png", "scores.npz", "metrics.json"} <= files
 
     # export, move the folder (another machine), read it back and open it with `oodlab ui`
     exported = tmp_path / "export"
     out = _oodlab("export", "pg", exported, "--storage", storage, "--optuna-storage", ot, "--mlflow-uri", ml)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "3 Optuna trials, 4 MLflow runs" in out.stdout, out.stdout
+    assert "3 Optuna trials, 10 MLflow runs" in out.stdout, out.stdout  # parent, 3 trials, 6 seed runs
     moved = tmp_path / "elsewhere"
     shutil.move(exported, moved)
     ex_trials = _trials(stores.default_optuna_url(moved), "pg")
