@@ -170,9 +170,10 @@ def reconcile_optuna(storage: Any, study: str, keep: set[int] | None = None) -> 
     stale = [t for t in s.get_trials(deepcopy=False)
              if t.state == optuna.trial.TrialState.RUNNING and t.number not in (keep or set())]
     for t in stale:
-        if "grid_id" in t.system_attrs:  # free its grid point: GridSampler counts FAIL as visited
+        if "grid_id" in t.system_attrs:  # free its grid point: GridSampler counts FAIL as visited, and
+            # Optuna has no public call that un-visits one, so this stays a private storage call
             s._storage.set_trial_system_attr(t._trial_id, "grid_id", -1)
-        s._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        s.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     return len(stale)
 
 

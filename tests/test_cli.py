@@ -14,7 +14,8 @@ def test_cluster_yaml_validates_with_ray_schema():
     validate_config(prepare_config(cfg))
     workers = cfg["available_node_types"]["gpu_worker"]
     assert workers["resources"]["GPU"] >= 1 and workers["min_workers"] == 0
-    assert any("mlflow server --host 127.0.0.1" in c for c in cfg["head_setup_commands"])  # localhost only
+    assert any("--host 127.0.0.1" in c and "oodlab.tracking_server" in c
+               for c in cfg["head_setup_commands"])  # the watched MLflow server, localhost only
     text = (REPO / "cluster.yaml").read_text()
     assert not any(k in text for k in ("aws_secret_access_key", "aws_access_key_id", "AKIA"))  # no credentials
 
