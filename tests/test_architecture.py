@@ -5,11 +5,12 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from oodlab import registry
 from oodlab.experiment import ConfigError, Experiment, TrialConfig
 
-PKG = Path(__file__).resolve().parents[1] / "oodlab"
+PKG = REPO / "oodlab"
 
 
 def _module(path: Path) -> str:

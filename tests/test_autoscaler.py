@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import study_env
+from conftest import REPO, study_env
 from ray_head import free_port, ray_head
 
 from oodlab import capacity, stores
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--epochs", "1", "--train-n", "300", "--test-n", "100"]
 TYPES = {  # name: (resources, max_workers)

@@ -4,15 +4,14 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from oodlab.data import SetInfo
 from oodlab.experiment import ConfigError, SetInfos
 from oodlab.registry import build_config
 
-REPO = Path(__file__).resolve().parents[1]
 GRAY28 = (1, 28, 28)
 LABELED = (0, 1)
 

@@ -1,10 +1,8 @@
 """The `oodlab` command and cluster.yaml (validated by Ray's own schema, no cloud calls)."""
 
-from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_cluster_yaml_validates_with_ray_schema():

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import study_env
+from conftest import REPO, study_env
 from ray_head import ray_head
 
 from oodlab import ray_connect, stores
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--shifts", "2", "--epochs", "1", "--train-n", "300", "--test-n", "100"]
 

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_leftovers, optuna_states, run_study, start_study, study_main, wait_until
+from conftest import REPO, kill_leftovers, optuna_states, run_study, start_study, study_main, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--epochs", "3", "--train-n", "600", "--test-n", "100"]
 

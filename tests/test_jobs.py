@@ -11,12 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import study_env
+from conftest import REPO, study_env
 from ray_head import RAY, ray_head
 
 from oodlab import stores
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--train-n", "300", "--test-n", "100"]
 
 

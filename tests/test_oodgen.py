@@ -3,12 +3,11 @@ problems with closed-form answers, a tiny real trial, and the study end to end."
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_resumes_exactly, study_env
+from conftest import REPO, assert_resumes_exactly, study_env
 from scipy.stats import chi2
 
 from oodlab.experiment import ConfigError
@@ -19,7 +18,6 @@ from oodlab.models.classifier import Classifier
 from oodlab.models.cvae import CVAE, CVAEConfig
 from oodlab.registry import build_config, run_trial
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "cvae_oodgen.py"
 
 

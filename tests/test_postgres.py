@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sigkill_when, start_study, study_env
+from conftest import REPO, sigkill_when, start_study, study_env
 from pg_server import pg_bin, postgres
 from ray_head import free_port
 
 from oodlab import data, stores
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--epochs", "2", "--train-n", "300", "--test-n", "100"]
 

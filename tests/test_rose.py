@@ -3,11 +3,11 @@
 import io
 import math
 import runpy
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from oodlab import data
@@ -16,8 +16,6 @@ from oodlab.methods import likelihood_baselines as lb
 from oodlab.methods import rose
 from oodlab.models.rose_vae import RoseVAE, RoseVAEConfig, elbo
 from oodlab.registry import build_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _per_sample_grads(model: RoseVAE, x: torch.Tensor, eps: torch.Tensor) -> list[torch.Tensor]:
@@ -484,5 +482,5 @@ def test_lratio_mu_replaces_the_backgrounds_mu_and_is_a_continuous_study_dimensi
     assert build_config({"method": "rose", "lratio_mu": 0.237}).lratio_background == "random:0.237"
     from oodlab.space import FloatRange
 
-    study = runpy.run_path(str(Path(__file__).resolve().parents[1] / "studies" / "rose_perturbation.py"))
+    study = runpy.run_path(str(REPO / "studies" / "rose_perturbation.py"))
     assert study["SPACES"]["lratio"]["lratio_mu"] == FloatRange(0.1, 0.4)

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import study_env
+from conftest import REPO, study_env
 from pg_server import pg_bin, postgres
 from ray_head import free_port
 
 from oodlab import stores, tracking_server
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--shifts", "2", "--epochs", "1", "--train-n", "300", "--test-n", "100"]
 

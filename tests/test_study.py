@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import optuna_states, sigkill_when, start_study, study_env, study_main
+from conftest import REPO, optuna_states, sigkill_when, start_study, study_env, study_main
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "negprior_shift.py"
 
 
