@@ -115,7 +115,7 @@ class Cell:
 
 # ---------------------------------------------------------------- reading MLflow
 
-def _client(storage: Path, mlflow_uri: str | None = None):
+def _client(storage: Path, mlflow_uri: str | None = None) -> Any:
     from mlflow.tracking import MlflowClient
 
     if mlflow_uri:  # a database or tracking server (--mlflow-uri)
