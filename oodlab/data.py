@@ -18,7 +18,7 @@ import io
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -121,10 +121,30 @@ def _parse_int(k: str, v: str, allowed: tuple[int, ...] | None = None) -> int:
     return int(v)
 
 
-def _parse(spec: str) -> tuple[str, Path | None, dict]:
-    """Split a spec into (name, npz path or None, checked modifiers); touches no files."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"empty dataset spec {spec!r}")
+def _parse_brightness(k: str, v: str) -> float:
+    try:
+        b = float(v)
+    except ValueError:
+        raise DataError(f"bad value {k}={v!r}: must be a number") from None
+    if not 0 <= b <= 100:
+        raise DataError(f"bad value {k}={v!r}: must be in [0, 100]")
+    return b
+
+
+def _parse_mix(k: str, v: str) -> str:
+    if v not in MIXES:
+        raise DataError(f"bad value {k}={v!r}: must be one of {', '.join(MIXES)}")
+    return v
+
+
+# modifier -> parser of its value (``k``: its name, for messages)
+_MOD_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "labels": lambda k, v: _parse_labels(v), "n": _parse_int, "channels": lambda k, v: _parse_int(k, v, (1, 3)),
+    "size": _parse_int, "brightness": _parse_brightness, "mix": _parse_mix}
+
+
+def _split_modifiers(spec: str) -> tuple[str, dict[str, str]]:
+    """``name[mod=val,…]`` -> (name, raw modifier values); a value may hold commas (labels=1,7)."""
     spec, body = spec.strip(), ""
     if "[" in spec or "]" in spec:
         i = spec.rfind("[")
@@ -145,30 +165,11 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
         if k in raw:
             raise DataError(f"modifier {k!r} given twice")
         raw[k], last = v, k
-    mods: dict = {}
-    if "labels" in raw:
-        mods["labels"] = _parse_labels(raw["labels"])
-    if "n" in raw:
-        mods["n"] = _parse_int("n", raw["n"])
-    if "channels" in raw:
-        mods["channels"] = _parse_int("channels", raw["channels"], (1, 3))
-    if "size" in raw:
-        mods["size"] = _parse_int("size", raw["size"])
-    if "brightness" in raw:
-        try:
-            mods["brightness"] = float(raw["brightness"])
-        except ValueError:
-            raise DataError(f"bad value brightness={raw['brightness']!r}: must be a number") from None
-        if not 0 <= mods["brightness"] <= 100:
-            raise DataError(f"bad value brightness={raw['brightness']!r}: must be in [0, 100]")
-    if "mix" in raw:
-        if raw["mix"] not in MIXES:
-            raise DataError(f"bad value mix={raw['mix']!r}: must be one of {', '.join(MIXES)}")
-        mods["mix"] = raw["mix"]
-    if spec.startswith("npz:"):
-        if not spec[4:]:
-            raise DataError("npz spec needs a path: npz:/path/to/file.npz")
-        return "npz", Path(spec[4:]).expanduser(), mods
+    return spec, raw
+
+
+def _check_name(spec: str, mods: dict) -> None:
+    """DataError for an unknown dataset name (with close matches) or modifiers it cannot take."""
     if spec not in _NAMES:
         close = difflib.get_close_matches(spec, _NAMES, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
@@ -177,6 +178,19 @@ def _parse(spec: str) -> tuple[str, Path | None, dict]:
         raise DataError(f"{spec} has no labels, so labels= cannot be used")
     if "mix" in mods and spec != "overall":
         raise DataError(f"mix= applies to overall only, not {spec}")
+
+
+def _parse(spec: str) -> tuple[str, Path | None, dict]:
+    """Split a spec into (name, npz path or None, checked modifiers); touches no files."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty dataset spec {spec!r}")
+    spec, raw = _split_modifiers(spec)
+    mods = {k: _MOD_PARSERS[k](k, raw[k]) for k in _MODS if k in raw}
+    if spec.startswith("npz:"):
+        if not spec[4:]:
+            raise DataError("npz spec needs a path: npz:/path/to/file.npz")
+        return "npz", Path(spec[4:]).expanduser(), mods
+    _check_name(spec, mods)
     return spec, None, mods
 
 
@@ -464,28 +478,27 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def load(spec: str, split: str = "test", root: str | Path | None = None, *,
-         pad_to: int | None = None, device: str | torch.device = "cpu") -> ImageSet:
-    """Load a whole dataset split as one uint8 N×C×H×W tensor on `device`."""
-    name, path, mods = _parse(spec)
-    if split not in ("train", "test"):
-        raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root).expanduser() if root is not None else data_root()
-    y: torch.Tensor | None
+def _read(spec: str, name: str, path: Path | None, mods: dict, split: str, root: Path
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images and labels of a parsed spec as stored (or generated), before any modifier."""
     if name in _SYNTH:  # n, channels, size set the generated shape
-        x, y = _synthetic(name, split, mods.get("n", _SYNTH_N), mods.get("channels", 1), mods.get("size", 28)), None
-    elif name == "npz":
+        return _synthetic(name, split, mods.get("n", _SYNTH_N), mods.get("channels", 1), mods.get("size", 28)), None
+    if name == "npz":
         if path is None:
             raise DataError(f"{spec!r}: npz needs a path, e.g. npz:/data/x.npz")
-        x, y = _load_npz(path)
-    elif name in _IDX:
-        x, y = _load_idx(name, split, root)
-    elif name == "omniglot":
-        x, y = _load_omniglot(split, root)
-    elif name == "overall":
-        x, y = _load_overall(split, root, mods.get("mix", "paper"), mods.get("size"))
-    else:
-        x, y = _load_tv(name, split, root)
+        return _load_npz(path)
+    if name in _IDX:
+        return _load_idx(name, split, root)
+    if name == "omniglot":
+        return _load_omniglot(split, root)
+    if name == "overall":
+        return _load_overall(split, root, mods.get("mix", "paper"), mods.get("size"))
+    return _load_tv(name, split, root)
+
+
+def _select(spec: str, name: str, mods: dict, split: str, x: torch.Tensor, y: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images the labels= and n= modifiers keep (n: a fixed-seed draw)."""
     if "labels" in mods:
         if y is None:
             raise DataError(f"{spec}: labels= needs labels, but this set has none")
@@ -498,6 +511,11 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
             raise DataError(f"{spec}: n={mods['n']} but the {split} split has only {len(x)} images")
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: mods["n"]]
         x, y = x[idx], None if y is None else y[idx]
+    return x, y
+
+
+def _transform(spec: str, mods: dict, x: torch.Tensor, pad_to: int | None) -> torch.Tensor:
+    """The channels=, size= and brightness= modifiers, then zero padding to ``pad_to``."""
     if mods.get("channels") == 3 and x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     elif mods.get("channels") == 1 and x.shape[1] == 3:
@@ -512,6 +530,18 @@ def load(spec: str, split: str = "test", root: str | Path | None = None, *,
             raise DataError(f"{spec}: images are {h}×{w}, larger than pad_to={pad_to}")
         top, left = (pad_to - h) // 2, (pad_to - w) // 2
         x = F.pad(x, (left, pad_to - w - left, top, pad_to - h - top))
+    return x
+
+
+def load(spec: str, split: str = "test", root: str | Path | None = None, *,
+         pad_to: int | None = None, device: str | torch.device = "cpu") -> ImageSet:
+    """Load a whole dataset split as one uint8 N×C×H×W tensor on `device`."""
+    name, path, mods = _parse(spec)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    x, y = _read(spec, name, path, mods, split, Path(root).expanduser() if root is not None else data_root())
+    x, y = _select(spec, name, mods, split, x, y)
+    x = _transform(spec, mods, x, pad_to)
     return ImageSet(x.contiguous().to(device), None if y is None else y.to(device), spec)
 
 

@@ -12,8 +12,10 @@ SPEC syntax: ``a,b,c`` categorical; ``lo..hi`` float; ``lo..hi:log`` log-float;
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -160,48 +162,61 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise SpaceError(f"{key}: {value!r} is not true/false")
+
+
+def _to_int(value: Any, key: str) -> int:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        f = math.nan
+    if isinstance(value, bool) or not f.is_integer():  # NaN is not an integer either
+        raise SpaceError(f"{key}: {value!r} is not an integer")
+    return int(f)
+
+
+def _to_float(value: Any, key: str) -> float:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise SpaceError(f"{key}: {value!r} is not a number") from None
+
+
+def _to_optional(tp: Any, value: Any, key: str) -> Any:
+    """A union field (``int | None``): None for none/null where allowed, else the first member type that fits."""
+    args = typing.get_args(tp)
+    if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return coerce(a, value, key)
+        except SpaceError:
+            continue
+    raise SpaceError(f"{key}: {value!r} is not a {tp}")
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {bool: _to_bool, int: _to_int, float: _to_float}
+
+
 def coerce(tp: Any, value: Any, key: str) -> Any:
     """``value`` (a string or an untyped scalar) as the field type ``tp``; SpaceError if it is not one."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(a, value, key)
-            except SpaceError:
-                continue
-        raise SpaceError(f"{key}: {value!r} is not a {tp}")
-    text = str(value).strip()
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if text.lower() in ("true", "1", "yes", "on"):
-            return True
-        if text.lower() in ("false", "0", "no", "off"):
-            return False
-        raise SpaceError(f"{key}: {value!r} is not true/false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise SpaceError(f"{key}: {value!r} is not an integer")
-        try:
-            f = float(text)
-        except ValueError:
-            raise SpaceError(f"{key}: {value!r} is not an integer") from None
-        if not f.is_integer():
-            raise SpaceError(f"{key}: {value!r} is not an integer")
-        return int(f)
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise SpaceError(f"{key}: {value!r} is not a number") from None
-    if tp is str or origin is tuple or tp is Any:  # tuples (e.g. ood) take their comma string
-        return value if tp is Any else text
+        return _to_optional(tp, value, key)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key)
+    if tp is str or origin is tuple:  # tuples (e.g. ood) take their comma string
+        return str(value).strip()
     return value
 
 
