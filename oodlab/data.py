@@ -359,7 +359,13 @@ def _load_omniglot(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _synthetic(name: str, split: str, n: int, c: int, size: int) -> torch.Tensor:
-    """Deterministic noise images; the seed depends on name and split only."""
+    """Deterministic noise images; the seed depends on name and split only (a copy of a cached draw:
+    every trial of a process, and every replicate, scores the same validation sets)."""
+    return _synthetic_draw(name, split, n, c, size).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_draw(name: str, split: str, n: int, c: int, size: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{split}".encode()))
     shape = (n, c, size, size)
     if name == "gaussian_noise":
