@@ -60,8 +60,7 @@ class TrialConfig:
     # Validation (model selection): val_n ID *training* images are held out (never trained on,
     # drawn with a fixed seed before train_n subsetting) and scored against each val_ood set
     # (test_n caps every scored set, validation ones included). val_ood must share no source with
-    # the ID set, a test OOD set or a set the method trains on (``training_sets``); see README
-    # "Validation protocol".
+    # the ID set, a test OOD set or a set the method trains on (``training_sets``); see docs/validation.md.
     val_n: int = 5000  # of Fashion-MNIST's 60,000 training images
     val_ood: tuple[str, ...] = ("blobs", "constant")  # validation OOD sets (comma string; synthetic: at the ID shape)
     train_n: int | None = None  # use only this many ID training images (None = all; after the holdout)
@@ -128,7 +127,7 @@ class TrialConfig:
             for what, o in others:
                 if data.share_source(v, o):
                     raise ConfigError(f"validation OOD set {v!r} shares its source with {what} {o!r}; choose "
-                                      "val_ood disjoint from the test and training sets (README: Validation protocol)")
+                                      "val_ood disjoint from the test and training sets (docs/validation.md)")
 
     def data_requests(self) -> list[tuple[str, str]]:
         """(spec, split) of every set the trial loads; the runner loads each once up front."""

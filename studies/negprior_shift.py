@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id", default="fashion_mnist", help="in-distribution set (default fashion_mnist)")
     g.add_argument("--ood", default="mnist", help="OOD set(s), comma-separated; npz:PATH works (default mnist)")
     g.add_argument("--aux", default="omniglot", help="auxiliary negatives (paper: emnist_letters; default omniglot, "
-                   "handwritten like it: see README for omniglot vs notmnist)")
+                   "handwritten like it: see docs/results.md for omniglot vs notmnist)")
     g.add_argument("--aux-split", default="train", choices=("train", "test"),
                    help="split of --aux (default train; offline notMNIST has only test)")
     g.add_argument("--negatives", default="aux", help="negative source: aux | none (baseline); a comma list "

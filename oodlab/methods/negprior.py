@@ -157,7 +157,7 @@ class Config(TrialConfig):
     # Validation OOD sets, the first is a study's default target. `constant` first: with the
     # BPD score `blobs` saturates (AUROC >= 0.999 for every trial, negatives or not, of the
     # 10-epoch Table I study), while `constant` ranks aux negatives above none as the MNIST test
-    # does (README, "Validation protocol").
+    # does (docs/validation.md).
     val_ood: tuple[str, ...] = ("constant", "blobs")
     # --- model ---
     arch: str = "auto"  # "gray" | "color" | "auto" (color for 3-channel data)
