@@ -127,7 +127,7 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     ray_ids = [t.user_attrs["ray_trial_id"] for t in ended_trials]
     assert len(set(ray_ids)) == n and before <= set(ray_ids)
     assert any(not float(t.params["shift"]).is_integer() for t in ended_trials)
-    assert all(set(t.params) == {"shift"} for t in trials)  # seeds are replicates, never searched
+    assert all(set(t.params) == {"shift"} for t in ended_trials)  # seeds are replicates, never searched
     pruned = [t for t in ended_trials if t.state.name == "PRUNED"]
     assert pruned, "ASHA stopped no trial"
     assert all(t.user_attrs["stopped_at_epoch"] < 3 and t.value is not None for t in pruned)
