@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from ray_head import free_port
 
 
@@ -59,3 +60,15 @@ def postgres(bindir: Path) -> Iterator[Server]:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", name="pg")
+def pg_fixture() -> Iterator[Server]:
+    """A PostgreSQL server for one test module (skips where its binaries are missing); test modules
+    import this fixture."""
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin or PATH); "
+                    ".ci/run installs them with `apt-get install -y postgresql`")
+    with postgres(bindir) as server:
+        yield server

@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, sigkill_when, start_study, study_env
-from pg_server import pg_bin, postgres
+from pg_server import pg_fixture  # noqa: F401 - registers the module-scoped fixture `pg`
 from ray_head import free_port
 
 from oodlab import data, stores
 
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--epochs", "2", "--train-n", "300", "--test-n", "100"]
-
-
-@pytest.fixture(scope="module")
-def pg():
-    bindir = pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin or PATH); "
-                    ".ci/run installs them with `apt-get install -y postgresql`")
-    with postgres(bindir) as server:
-        yield server
 
 
 def pg_states(url: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, study_env
-from pg_server import pg_bin, postgres
+from pg_server import pg_fixture  # noqa: F401 - registers the module-scoped fixture `pg`
 from ray_head import free_port
 
 from oodlab import stores, tracking_server
@@ -98,16 +98,6 @@ def test_tracking_server_watcher_is_idempotent_and_restarts_a_dead_server(tmp_pa
     finally:
         _end(first)
     _wait(lambda: not _server_pids(port), "the watcher stops its server when it is stopped", 30)
-
-
-@pytest.fixture(scope="module")
-def pg():
-    bindir = pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin or PATH); "
-                    ".ci/run installs them with `apt-get install -y postgresql`")
-    with postgres(bindir) as server:
-        yield server
 
 
 @pytest.mark.slow
