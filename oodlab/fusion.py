@@ -54,9 +54,6 @@ class Stack:
         self.opt = make_opt([params[k] for k in self.names])
         self.sync_in()
 
-    def __len__(self) -> int:
-        return len(self.models)
-
     def vmap(self, fn: Callable[..., dict[str, torch.Tensor]], *batched: torch.Tensor | None
              ) -> dict[str, torch.Tensor]:
         """``fn(model, *args)`` for every replica at once; each arg has a leading replica dimension

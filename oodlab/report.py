@@ -134,15 +134,14 @@ def aggregate(configurations: list[trials.Configuration]) -> list[Cell]:
         params = g.params
         id_spec, neg, dec = params.get("id", "?"), params.get("negatives", "-"), params.get("decoder", "-")
         rest = tuple((k, selection.value_text(params.get(k, ""))) for k in varied)
-        row = (("inlier", id_spec), ("noise model", dec), *rest)
         for ood in data.split_specs(params.get("ood", "")):
+            row = (("inlier", id_spec), ("OOD", ood), ("noise model", dec), *rest)
             prefix = f"auroc_{set_key(ood)}_"
             names = sorted({n for m in g.metrics for n in m if n.startswith(prefix) and not n.endswith(SD)})
             for name in names:
                 score = name[len(prefix):]
-                key = ((row[0], ("OOD", ood), *row[1:]), neg, score)
-                cell = cells.setdefault(key, Cell(key[0], neg, score,
-                                                  paper=PAPER_000.get((id_spec, ood, dec, neg, score))))
+                cell = cells.setdefault((row, neg, score), Cell(row, neg, score,
+                                                                paper=PAPER_000.get((id_spec, ood, dec, neg, score))))
                 cell.values.extend(g.values(name))
     return list(cells.values())
 

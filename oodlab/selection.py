@@ -25,9 +25,6 @@ from oodlab.trials import Configuration
 SHOWN = ("auroc", "fpr95")  # test metrics in the markdown table (every one is in the CSV)
 WEAK_TAU = 0.3  # Kendall τ below this: the validation target ranks configurations unlike the test does
 
-Group = Configuration  # a configuration and its replicates (oodlab.trials)
-
-
 def targets_of(params: dict[str, str]) -> tuple[list[str], list[str]]:
     """(targets, modes) from a study's parent-run params ``metric`` and ``mode`` (comma lists)."""
     targets = [t.strip() for t in params.get("metric", "").split(",") if t.strip()]
@@ -45,7 +42,7 @@ def _dominates(a: list[float], b: list[float]) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
-def select(groups: list[Group], targets: list[str], modes: list[str]) -> list[Group]:
+def select(groups: list[Configuration], targets: list[str], modes: list[str]) -> list[Configuration]:
     """The best configuration by mean target (ties: all of them), or the Pareto front of the mean
     targets for several targets; configurations without a finite value of every target are skipped."""
     sign = [1.0 if m == "max" else -1.0 for m in modes]
@@ -59,13 +56,13 @@ def select(groups: list[Group], targets: list[str], modes: list[str]) -> list[Gr
     return [g for g, v in scored if not any(_dominates(w, v) for _, w in scored)]
 
 
-def varied(groups: list[Group]) -> list[str]:
+def varied(groups: list[Configuration]) -> list[str]:
     """Params that differ between configurations (what names a configuration in a table)."""
     keys = {k for g in groups for k, _ in g.config}
     return sorted(k for k in keys if len({dict(g.config).get(k) for g in groups}) > 1)
 
 
-def test_metrics(g: Group, shown: tuple[str, ...] | None = None) -> list[str]:
+def test_metrics(g: Configuration, shown: tuple[str, ...] | None = None) -> list[str]:
     """Names of the test metrics the group's trials report (``{metric}_{set}_{score}``, no ``val_``)."""
     names = sorted({k for m in g.metrics for k in m})
     wanted = shown or METRICS
@@ -86,8 +83,8 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f} ({sd:.3f})" if math.isfinite(sd) else f"{mean:.3f} (–)"
 
 
-def to_markdown(study: str, groups: list[Group], chosen: list[Group], targets: list[str], modes: list[str],
-                allowed: bool = False) -> str:
+def to_markdown(study: str, groups: list[Configuration], chosen: list[Configuration], targets: list[str],
+                modes: list[str], allowed: bool = False) -> str:
     """Which target selected which configuration(s), then their test metrics, mean (sd) over seeds;
     ``allowed``: the study recorded its explicit permission for a test target."""
     leak = [t for t in targets if not is_val_metric(t)]
@@ -120,7 +117,7 @@ def to_markdown(study: str, groups: list[Group], chosen: list[Group], targets: l
     return "\n".join(lines)
 
 
-def to_csv(groups: list[Group], chosen: list[Group], targets: list[str]) -> str:
+def to_csv(groups: list[Configuration], chosen: list[Configuration], targets: list[str]) -> str:
     """Long format, every configuration: params, selected (0/1), metric, split, n, mean, sd."""
     keys = varied(groups)
     buf = io.StringIO()
@@ -167,7 +164,7 @@ def _same_score_tests(table: dict[str, float], target: str) -> list[str]:
                   and not is_val_metric(k) and not any(k.startswith(m + "_") for m in longer))
 
 
-def agreement(groups: list[Group], target: str) -> list[Agreement]:
+def agreement(groups: list[Configuration], target: str) -> list[Agreement]:
     """τ between ``target`` (a ``val_{metric}_{set}_{score}``) and the same metric and score on each
     test set, over the configurations with finite means of both; [] when the target is no such metric."""
     tables = [m for g in groups for m in g.metrics]
