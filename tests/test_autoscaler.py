@@ -154,17 +154,22 @@ def test_studies_wait_for_the_autoscaler(fake, tmp_path):
 
 
 @pytest.mark.slow
-def test_node_types_from_the_environment(tmp_path, ray_tmp):
+def test_node_types_from_the_environment(tmp_path, ray_tmp, monkeypatch, capsys):
     """KubeRay's autoscaler reads its worker groups in another container: $OODLAB_NODE_TYPES states
-    them (k8s/rayjob.yaml). The default then requests GPUs; --wait-for-nodes 0 asks for nothing."""
-    env = {**study_env(ray_tmp), "OODLAB_NODE_TYPES": '{"gpu": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 2}}',
-           "OODLAB_SHARED_FS_TYPES": stores.fs_type(str(tmp_path))}
-    run = lambda *a: subprocess.run([sys.executable, str(STUDY), "--storage", str(tmp_path / "r"), "--shifts", "2",
-                                     *TINY, *a], env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
-    out = run("--wait-for-nodes", "0")
-    err = _one_error_line(out)
-    assert "GPUs per trial: 0.5 (default: the cluster has or can add GPU nodes: gpu;" in out.stdout, out.stdout
-    assert "--wait-for-nodes 0: no node up holds one trial {CPU: 1, GPU: 0.5} (node types that could: gpu)" in err
-    err = _one_error_line(run("--gpus-per-trial", "2"))
+    them (k8s/rayjob.yaml). The default then requests GPUs; --wait-for-nodes 0 asks for nothing.
+    In process (the study's own main; it starts a local Ray, refuses, stops it)."""
+    from conftest import study_main
+
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("OODLAB_NODE_TYPES", '{"gpu": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 2}}')
+    monkeypatch.setenv("OODLAB_SHARED_FS_TYPES", stores.fs_type(str(tmp_path)))
+    run = lambda *a: study_main(STUDY, "--storage", tmp_path / "r", "--shifts", "2", *TINY, *a)
+    assert run("--wait-for-nodes", "0") == 2
+    out = capsys.readouterr()
+    assert "GPUs per trial: 0.5 (default: the cluster has or can add GPU nodes: gpu;" in out.out, out.out
+    assert "--wait-for-nodes 0: no node up holds one trial {CPU: 1, GPU: 0.5} (node types that could: gpu)" in out.err
+    assert run("--gpus-per-trial", "2") == 2
+    err = capsys.readouterr().err
     assert "gpu {CPU: 1, GPU: 1} (max 2); from $OODLAB_NODE_TYPES" in err, err
     assert not (tmp_path / "r").exists()

@@ -241,7 +241,9 @@ def _entrypoint_flags(job: dict) -> tuple[Path, Path, list[str]]:
     return REPO / argv[1].removeprefix(image_root), REPO / argv[2].removeprefix(image_root), argv[3:]
 
 
-def test_rayjob_manifest_runs_a_real_study_that_resumes_on_retry(tmp_path):
+def test_rayjob_manifest_parses_as_the_study_and_its_entrypoint_resumes_on_retry(tmp_path):
+    """The RayJob's image, volume, stores and worker group, its flags through the study's own parser,
+    and run_study.sh (with PYTHON=echo: no study runs) adding --resume when the study's folder exists."""
     import importlib.util
 
     from oodlab.study import parse_args

@@ -199,11 +199,6 @@ def test_offline_mnist_train_is_clear_error():
     assert str(ROOT / "MNIST/raw/train-images-idx3-ubyte") in str(e.value)
 
 
-def test_data_root_default(monkeypatch):
-    monkeypatch.delenv("OODLAB_DATA_DIR")
-    assert data.data_root() == Path.home() / ".cache" / "oodlab"
-
-
 @pytest.mark.parametrize("spec,msg", [
     ("mnist[foo=1]", "unknown modifier 'foo'"),
     ("mnist[n=0]", "positive integer"),

@@ -1,7 +1,7 @@
 """Ray Jobs API and token authentication, for real: a local head (`ray start --head` on 127.0.0.1
 with its dashboard, isolated RAY_TMPDIR) with RAY_AUTH_MODE=token, `ray job submit --working-dir .
--- python studies/negprior_shift.py ...` with the token and refused without it; and a local study
-with Ray's default (token authentication on for local clusters since Ray 2.59), nothing disabled."""
+-- python studies/negprior_shift.py ...` with the token and refused without it. (A local study under
+Ray's default, token authentication on: tests/test_readme.py's walkthrough.)"""
 
 import secrets
 import subprocess
@@ -70,16 +70,3 @@ def test_job_submit_with_the_token_runs_a_study_on_the_head(tmp_path, ray_tmp):
     trials = optuna.load_study(study_name="viajob", storage=journal).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] and not (storage / "optuna.db").exists()
     assert (storage / "mlflow.db").exists() and len(list((storage / "ray" / "viajob").glob("trial_*"))) == 1
-
-
-@pytest.mark.slow
-def test_local_study_with_rays_default_token_auth(tmp_path, ray_tmp):
-    """No RAY_AUTH_MODE at all (Ray's default): the local Ray a study starts enables token
-    authentication and makes a token in ~/.ray/auth_token; the study runs."""
-    env = _no_auth_env(ray_tmp, tmp_path / "home")
-    out = subprocess.run([sys.executable, str(REPO / "studies" / "negprior_shift.py"), "--storage", tmp_path / "r",
-                          "--shifts", "2", *TINY], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "Ray: local" in out.stdout and "[oodlab] best " in out.stdout
-    token = tmp_path / "home" / ".ray" / "auth_token"
-    assert token.is_file() and token.stat().st_size > 16, "Ray did not switch token authentication on"

@@ -145,9 +145,14 @@ def _serve_then_stop(cmd: str, cwd: Path, env: dict[str, str]) -> None:
 def test_walkthrough_runs_as_written(tmp_path, ray_tmp):
     """README's study walkthrough, then every oodlab list/report/export/ui command of README, as
     written, in a fresh folder (the checkout's studies/ linked in). A report of a study that only a
-    long run makes must get as far as looking the study up: exit 2, "no study", no usage error."""
+    long run makes must get as far as looking the study up: exit 2, "no study", no usage error.
+    Ray's own defaults, as a newcomer has them: no RAY_AUTH_MODE, so the local Ray a study starts
+    switches token authentication on and makes a token in a HOME that had none."""
     (tmp_path / "studies").symlink_to(REPO / "studies")
-    env = {**study_env(ray_tmp), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**{k: v for k, v in study_env(ray_tmp).items() if not k.startswith("RAY_AUTH")}, "HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     blocks = bash_blocks(README.read_text())
     walkthrough = [c for heading, cmds in blocks if heading == WALKTHROUGH for c in cmds]
     assert walkthrough and walkthrough[0].startswith("python studies/"), walkthrough
@@ -173,6 +178,8 @@ def test_walkthrough_runs_as_written(tmp_path, ray_tmp):
         elif words[1] == "list":
             assert re.search(r"^negprior_shift-smoke\s+2\s", out.stdout, re.M), out.stdout
     assert any(shlex.split(c)[:2] == ["oodlab", "export"] for c in others)
+    token = home / ".ray" / "auth_token"
+    assert token.is_file() and token.stat().st_size > 16, "Ray did not switch token authentication on"
     assert (tmp_path / "export" / "mlflow.db").exists()
     # What the walkthrough promises in MLflow: each trial's figures and scores, the method's own
     # (negprior's samples.png) included, and the report on the study's parent run.

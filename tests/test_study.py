@@ -109,7 +109,7 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     storage, n = tmp_path / "results", 6
     args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "tpe", "--sampler", "tpe",
             "--scheduler", "asha", "--num-samples", str(n), "--space", "shift=2..10", "--set", "neg_weight=1",
-            "--set", "lr=0.0003", "--set", "val_n=300", "--epochs", "3", "--train-n", "800", "--test-n", "200",
+            "--set", "lr=0.0003", "--set", "val_n=150", "--epochs", "3", "--train-n", "400", "--test-n", "100",
             "--seeds", "2"]
     ended = lambda: sum(s in ("COMPLETE", "PRUNED") for s in optuna_states(storage / "optuna.db"))
     sigkill_when(start_study(args, ray_tmp), ray_tmp, lambda: ended() >= 2, "two trials ended")
@@ -179,8 +179,8 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
 def test_multi_objective_search_logs_the_pareto_front(tmp_path, ray_tmp):
     storage = tmp_path / "results"
     out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--name", "mo",
-                          "--sampler", "tpe", "--num-samples", "3", "--target", "val_auroc_blobs_bpd,val_id_bpd",
-                          "--train-n", "300", "--test-n", "100", "--set", "val_n=100", "--max-concurrent", "1"],
+                          "--sampler", "tpe", "--num-samples", "2", "--target", "val_auroc_blobs_bpd,val_id_bpd",
+                          "--train-n", "300", "--test-n", "100", "--set", "val_n=100"],
                          env=study_env(ray_tmp), capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Pareto front (val_auroc_blobs_bpd max, val_id_bpd min)" in out.stdout  # modes inferred
@@ -188,7 +188,7 @@ def test_multi_objective_search_logs_the_pareto_front(tmp_path, ray_tmp):
     from mlflow.tracking import MlflowClient
 
     study = optuna.load_study(study_name="mo", storage=f"sqlite:///{storage / 'optuna.db'}")
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and len(study.trials) == 3
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and len(study.trials) == 2
     front = {t.number for t in study.best_trials}
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mo")
