@@ -128,6 +128,39 @@ def sigkill_when(proc: subprocess.Popen, ray_tmp: str, ready: Callable[[], bool]
     kill_leftovers(ray_tmp, proc.pid)
 
 
+def tracking_server_watcher(port: int, state: Path, *mlflow_args: object) -> subprocess.Popen:
+    """``python -m oodlab.tracking_server`` (what a cluster head runs): an MLflow server on ``port``
+    kept up by its watcher; end it with ``end_group``."""
+    return subprocess.Popen([sys.executable, "-m", "oodlab.tracking_server", "--port", str(port), "--state-dir",
+                             str(state), "--interval", "1", "--failures", "2", "--start-grace", "240", "--",
+                             "--workers", "1", *map(str, mlflow_args)],  # one worker: starts faster on 2 cores
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process started in its own session, and its children; SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def oodlab_cli(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``oodlab ARGS`` as a user runs it (no store defaults from the test process)."""
+    env = {k: v for k, v in os.environ.items() if k not in STORE_ENV}
+    return subprocess.run([sys.executable, "-m", "oodlab.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout, env=env)
+
+
 def optuna_states(db: Path) -> list[str]:
     """States of all Optuna trials in a storage file, read with sqlite3 (cheap to poll)."""
     if not db.exists():

@@ -1,5 +1,6 @@
-"""Fault tolerance and bad input, for real: diverging trials, Ctrl-C, a worker killed on a
-multi-node cluster (ray.cluster_utils.Cluster), corrupt or foreign state, unusable stores."""
+"""Fault tolerance and bad input, for real: diverging trials, a worker killed on a multi-node
+cluster (ray.cluster_utils.Cluster), corrupt or foreign state, unusable stores. (Ctrl-C and
+SIGKILL of the driver, then --resume: tests/test_postgres.py and tests/test_study.py.)"""
 
 import json
 import signal
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kill_leftovers, optuna_states, run_study, start_study, study_main, wait_until
+from conftest import REPO, optuna_states, run_study, start_study, study_main
 
 STUDY = REPO / "studies" / "negprior_shift.py"
 TINY = ["--epochs", "3", "--train-n", "600", "--test-n", "100"]
@@ -80,27 +81,6 @@ def _diverged_trial_failed_and_the_other_finished(tmp_path):
             next(r.info.run_id for r in runs if r.data.params["fail_at_epoch"] == "2"), "loss"
         )
     ] == [1]
-
-
-@pytest.mark.slow
-def test_sigint_stops_cleanly_then_resume_completes(tmp_path, ray_tmp):
-    args = [sys.executable, STUDY, "--storage", tmp_path / "r", "--name", "ctrlc", "--shifts", "2,4", *TINY,
-            "--max-concurrent", "1"]
-    proc = start_study(args, ray_tmp)
-    wait_until(proc, lambda: optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") >= 1, "a trial COMPLETE",
-               timeout=180)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    rc = proc.wait(timeout=120)
-    log = proc.stdout.read().decode()
-    kill_leftovers(ray_tmp, proc.pid)
-    assert rc == 130, log[-3000:]
-    assert "--resume" in log
-    out = _run([STUDY, "--storage", tmp_path / "r", "--name", "ctrlc", "--shifts", "2,4", *TINY, "--resume"], ray_tmp)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    states = optuna_states(tmp_path / "r" / "optuna.db")
-    assert states.count("COMPLETE") == 2 and "RUNNING" not in states
-    for d in (tmp_path / "r" / "ray" / "ctrlc").glob("trial_*"):
-        assert sorted(set(_epochs(d))) == [1, 2, 3]
 
 
 @pytest.mark.slow

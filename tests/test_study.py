@@ -173,28 +173,3 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "parent")
     assert parent.info.status == "FINISHED" and parent.data.tags["oodlab.target"].startswith("val_")
     assert "search/optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-
-
-@pytest.mark.slow
-def test_multi_objective_search_logs_the_pareto_front(tmp_path, ray_tmp):
-    storage = tmp_path / "results"
-    out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--name", "mo",
-                          "--sampler", "tpe", "--num-samples", "2", "--target", "val_auroc_blobs_bpd,val_id_bpd",
-                          "--train-n", "300", "--test-n", "100", "--set", "val_n=100"],
-                         env=study_env(ray_tmp), capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "Pareto front (val_auroc_blobs_bpd max, val_id_bpd min)" in out.stdout  # modes inferred
-    import optuna
-    from mlflow.tracking import MlflowClient
-
-    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{storage / 'optuna.db'}")
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and len(study.trials) == 2
-    front = {t.number for t in study.best_trials}
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("mo")
-    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("oodlab.role") == "parent")
-    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto_front.md", "trials.md"} <= files
-    assert "search/pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-    md = (Path(client.download_artifacts(parent.info.run_id, "pareto_front.md", str(tmp_path)))).read_text()
-    assert {int(line.split("|")[1]) for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()} == front
