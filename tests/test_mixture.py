@@ -166,7 +166,7 @@ def test_importance_sampling_matches_a_per_image_loop():
 # ---------------------------------------------------------------- the method
 
 def test_trial_reports_nll_auroc_and_gap(tmp_path):
-    cfg = Config(train_n=200, test_n=60, epochs=1, batch_size=50, is_samples=2, device="cpu")
+    cfg = Config(train_n=100, test_n=60, epochs=1, batch_size=50, is_samples=2, device="cpu")
     exp = Experiment(cfg)
     train, _ = load_sets(cfg, torch.device("cpu"))  # the same training images, in the same order
     assert set(train.y.tolist()) == {1, 7}  # Trouser and Sneaker

@@ -188,8 +188,9 @@ def test_adversarial_trial_resumes_exactly_with_both_optimizers(tmp_path):
 def test_color_arch_gaussian_adversarial_with_spectral_norm_on_stand_ins(tmp_path):
     """32×32×3 stand-ins (gray sets in color), DCGAN-style VAE, Gaussian decoder, spectral-normed encoder."""
     c3 = "[channels=3,size=32]"
-    cfg = dict(id="fashion_mnist" + c3, ood="mnist" + c3, negatives="adversarial", decoder="gaussian",
-               spectral_norm=True, shift=25.0, optimizer="adam", train_n=100, test_n=50, epochs=1, device="cpu")
+    cfg = dict(id="fashion_mnist[n=400,channels=3,size=32]", ood="mnist" + c3, negatives="adversarial",  # n: resize 400
+               decoder="gaussian", spectral_norm=True, shift=25.0, optimizer="adam", train_n=100, val_n=100, test_n=50,
+               epochs=1, device="cpu")
     res = run_trial(cfg)
     assert all(0 <= res.metrics[f"auroc_mnist_channels_3_size_32_{s}"] <= 1 for s in ("bpd", "kl"))
     assert all(math.isfinite(v) for v in res.train.values())

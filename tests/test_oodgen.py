@@ -303,7 +303,7 @@ def test_accuracy_counts_the_ood_class_as_an_error():
 # ---------------------------------------------------------------- the trial
 
 def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
-    cfg = dict(method="oodgen", train_n=800, test_n=60, epochs=2, cvae_epochs=1, mc_samples=3, batch_size=100,
+    cfg = dict(method="oodgen", train_n=400, test_n=60, epochs=1, cvae_epochs=1, mc_samples=3, batch_size=100,
                ood="mnist,uniform_noise", device="cpu")
     res = run_trial(cfg)
     names = ("n1_prob", "msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")

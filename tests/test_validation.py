@@ -58,8 +58,8 @@ def test_synthetic_validation_sets_take_the_id_shape():
     assert data.at_shape("blobs[n=50]", (3, 32, 32)) == "blobs[n=50,channels=3,size=32]"
     assert data.at_shape("blobs[size=28]", (3, 32, 32)) == "blobs[size=28]"  # given explicitly: kept
     assert data.at_shape("mnist", (3, 32, 32)) == "mnist"  # real sets keep their shape (and must match)
-    c3 = "[channels=3,size=32]"
-    cfg = build_config(dict(id="fashion_mnist" + c3, ood="mnist" + c3, train_n=50, test_n=20, val_n=30, device="cpu"))
+    cfg = build_config(dict(id="fashion_mnist[n=200,channels=3,size=32]", ood="mnist[n=100,channels=3,size=32]",
+                            train_n=50, test_n=20, val_n=30, device="cpu"))  # n= first: only those are resized
     cfg.check_data({req: data.SetInfo(100, (3, 32, 32) if "32" in req[0] else (1, 28, 28), ())
                     for req in cfg.data_requests()})
     _, sets = load_sets(cfg, torch.device("cpu"))
