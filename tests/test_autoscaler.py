@@ -136,10 +136,9 @@ def test_studies_wait_for_the_autoscaler(fake, tmp_path):
     assert "Ray: joined" in out.stdout  # no --address: the head on this node
 
     # the default --gpus-per-trial on a cluster that can add GPU nodes requests GPUs: the GPU worker comes for it
-    # (one trial at a time: CPU-only trials would all fit on the CPU worker that is up)
-    out = fake.study("--storage", tmp_path / "dflt", "--name", "dflt", "--shifts", "2,4", *TINY,
-                     "--max-concurrent", "1")
-    finished(out, "dflt", tmp_path / "dflt", 2)
+    # (a CPU-only trial would fit on the CPU worker that is up)
+    out = fake.study("--storage", tmp_path / "dflt", "--name", "dflt", "--shifts", "2", *TINY)
+    finished(out, "dflt", tmp_path / "dflt", 1)
     share = capacity.DEFAULT_GPU_SHARE
     assert f"GPUs per trial: {share:g} (default: the cluster has or can add GPU nodes: gpu_worker" in out.stdout
     assert f"a node for one trial {{CPU: 1, GPU: {share:g}}} (gpu_worker, gpu2_worker)" in out.stdout, out.stdout

@@ -106,7 +106,7 @@ def test_tpe_asha_sigkill_then_resume_keeps_history_and_rungs(tmp_path, ray_tmp)
     trials have ended, resume; every trial exactly once in Optuna and MLflow (with its two seed runs),
     no epoch trained twice, ASHA's rungs still hold the trials that ended before the kill, stopped
     trials are PRUNED, and what Optuna and ASHA saw is the mean over the seeds."""
-    storage, n = tmp_path / "results", 6
+    storage, n = tmp_path / "results", 4
     args = [sys.executable, str(STUDY), "--storage", str(storage), "--name", "tpe", "--sampler", "tpe",
             "--scheduler", "asha", "--num-samples", str(n), "--space", "shift=2..10", "--set", "neg_weight=1",
             "--set", "lr=0.0003", "--set", "val_n=150", "--epochs", "3", "--train-n", "400", "--test-n", "100",
