@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oodlab import stores
+from oodlab import stores, tags
 
 log = logging.getLogger(__name__)
-PARENT_TAG = "mlflow.parentRunId"
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -70,7 +69,8 @@ def export_study(study: str, out: Path, optuna_url: str, mlflow_uri: str) -> Exp
     exp_id = dst.create_experiment(study, artifact_location=f"mlflow-artifacts:/{folder}",
                                    tags={k: v for k, v in exp.tags.items() if not k.startswith("mlflow.")})
     runs = src.search_runs([exp.experiment_id], max_results=50_000)
-    runs.sort(key=lambda r: PARENT_TAG in r.data.tags)  # parents first: children need their new id
+    by_id = {r.info.run_id: r for r in runs}
+    runs.sort(key=lambda r: _depth(r, by_id))  # parents first: children need their new id
     new_id: dict[str, str] = {}
     files = 0
     for run in runs:
@@ -81,14 +81,23 @@ def export_study(study: str, out: Path, optuna_url: str, mlflow_uri: str) -> Exp
     return Exported(n_trials, len(runs), files)
 
 
+def _depth(run: Any, by_id: dict[str, Any]) -> int:
+    """How deep ``run`` nests (study parent 0, trial 1, a trial's seed run 2)."""
+    depth, seen = 0, {run.info.run_id}
+    while (up := run.data.tags.get(tags.PARENT)) in by_id and up not in seen:
+        run, depth = by_id[up], depth + 1
+        seen.add(up)
+    return depth
+
+
 def _copy_run(src: Any, dst: Any, exp_id: str, run: Any, new_id: dict[str, str]) -> str:
     from mlflow.entities import Metric, Param
 
-    tags = dict(run.data.tags)
-    if PARENT_TAG in tags:
-        tags[PARENT_TAG] = new_id.get(tags[PARENT_TAG], tags[PARENT_TAG])
-    tags["oodlab.exported_from"] = run.info.run_id
-    rid = dst.create_run(exp_id, start_time=run.info.start_time, tags=tags,
+    run_tags = dict(run.data.tags)
+    if tags.PARENT in run_tags:
+        run_tags[tags.PARENT] = new_id.get(run_tags[tags.PARENT], run_tags[tags.PARENT])
+    run_tags[tags.EXPORTED_FROM] = run.info.run_id
+    rid = dst.create_run(exp_id, start_time=run.info.start_time, tags=run_tags,
                          run_name=run.info.run_name).info.run_id
     params = [Param(k, v) for k, v in run.data.params.items()]
     for i in range(0, len(params), 100):

@@ -259,10 +259,12 @@ def selection_report(client: Any, study: str) -> tuple[str, str, dict[str, float
 
 def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
     """The selection by the study's target, then the paper-format AUROC table of every configuration;
-    both logged to the study's parent run; returns the markdown."""
+    both logged to the study's parent run, except in an export (``oodlab export``: a snapshot, e.g.
+    the repository's results/, which reading must not change); returns the markdown."""
     client = _client(Path(storage), mlflow_uri)
     runs = trials.read(client, study)
-    parent = runs.parent_id
+    exported = runs.parent is not None and tags.EXPORTED_FROM in runs.parent.data.tags
+    parent = None if exported else runs.parent_id
     sel_md, sel_csv, taus = selection_report(client, study)
     cells = aggregate(runs.configurations())
     md = to_markdown(cells, study)

@@ -16,6 +16,7 @@ TARGET = "oodlab.target"  # the study's target metric(s), comma-separated
 SAMPLER = "oodlab.sampler"
 SCHEDULER = "oodlab.scheduler"
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests a child run under the parent
+EXPORTED_FROM = "oodlab.exported_from"  # on every run of an export: its run id in the source store
 
 OPTUNA_ERROR = "error"  # Optuna user attr: why the trial failed
 OPTUNA_NUM_SAMPLES = "num_samples"  # Optuna study user attr: trials requested (done vs interrupted)

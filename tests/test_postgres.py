@@ -169,6 +169,8 @@ def _ctrl_c_resume_report_export(tmp_path, ray_tmp, args, ot, ml):
         src = src_by_name[r.info.run_name]
         assert r.info.status == "FINISHED" and r.data.params == src.data.params and r.data.metrics == src.data.metrics
         assert [m.step for m in ex_client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+        ex_seeds = ex_client.search_runs([r.info.experiment_id], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")
+        assert len(ex_seeds) == 2  # the seed runs nest under their exported trial run
     out = oodlab_cli("list", "--storage", moved)
     assert out.returncode == 0 and next(ln for ln in out.stdout.splitlines() if ln.startswith("pg")).split()[1] == "2"
 
