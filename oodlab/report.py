@@ -237,10 +237,10 @@ def bar_plot(cells: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
-def selection_report(client: Any, study: str) -> tuple[str, str, dict[str, float]]:
+def selection_report(study_runs: trials.StudyRuns) -> tuple[str, str, dict[str, float]]:
     """(markdown, csv, τ per test metric) of the configurations the study's target selects, among trials
     that ran to the end (not stopped early), their test metrics, and how the target ranks like the test."""
-    runs = trials.read(client, study, completed_only=True)
+    runs, study = study_runs.completed(), study_runs.study
     if runs.parent is None:
         return f"# {study}: no parent run, so no recorded target; nothing selected\n", "", {}
     params = dict(runs.parent.data.params)
@@ -265,7 +265,7 @@ def report(storage: Path, study: str, mlflow_uri: str | None = None) -> str:
     runs = trials.read(client, study)
     exported = runs.parent is not None and tags.EXPORTED_FROM in runs.parent.data.tags
     parent = None if exported else runs.parent_id
-    sel_md, sel_csv, taus = selection_report(client, study)
+    sel_md, sel_csv, taus = selection_report(runs)
     cells = aggregate(runs.configurations())
     md = to_markdown(cells, study)
     if parent is not None and taus:

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from oodlab.naming import NOT_HYPERPARAMETERS
 from oodlab.plots import pyplot
 
 log = logging.getLogger(__name__)
@@ -45,17 +46,16 @@ def target_vs_params(rows: list[dict[str, Any]], keys: list[str], target: str, p
     """One panel per searched parameter: every finished trial (dots), and the mean ± sd over
     seeds of each configuration (error bars); the paper's value as a dashed line."""
     done = [r for r in rows if isinstance(r.get(target), float) and math.isfinite(r[target])]
-    keys = [k for k in keys if k != "seed" and len({str(r.get(k)) for r in done}) > 1]
+    keys = [k for k in keys if k not in NOT_HYPERPARAMETERS and len({str(r.get(k)) for r in done}) > 1]
     if not done or not keys:
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         numeric = all(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in done)
-        groups: dict[tuple, list[float]] = defaultdict(list)  # config without the seed -> values
+        groups: dict[tuple, list[float]] = defaultdict(list)  # configuration -> one value per trial
         for r in done:
-            groups[tuple((k, str(r.get(k))) for k in r if k not in ("seed", "trial", "epochs", "status")
-                         and k in keys)].append(r[target])
+            groups[tuple((k, str(r.get(k))) for k in keys)].append(r[target])
         labels = sorted({str(r.get(key)) for r in done}, key=lambda s: float(s) if numeric else s)
         def pos(v: Any, labels: list[str] = labels, numeric: bool = numeric) -> float:
             return float(v) if numeric else float(labels.index(str(v)))

@@ -50,6 +50,7 @@ class StudyRuns:
     study: str
     parent: Any  # the parent MLflow run (params: target ``metric``/``mode``, fixed config), or None
     replicates: list[tuple[dict[str, str], Table]]  # (params, final metrics) of every finished replicate
+    stopped: list[bool] = field(default_factory=list)  # per replicate: its trial was stopped early (ASHA)
 
     @property
     def parent_id(self) -> str | None:
@@ -57,6 +58,11 @@ class StudyRuns:
 
     def configurations(self) -> list[Configuration]:
         return group(self.replicates)
+
+    def completed(self) -> StudyRuns:
+        """Only the replicates of trials that ran to the end: a stopped trial's metrics are of an earlier epoch."""
+        kept = [r for r, stop in zip(self.replicates, self.stopped or [False] * len(self.replicates)) if not stop]
+        return StudyRuns(self.study, self.parent, kept, [False] * len(kept))
 
 
 def group(replicates: list[tuple[dict[str, str], Table]]) -> list[Configuration]:
@@ -69,24 +75,24 @@ def group(replicates: list[tuple[dict[str, str], Table]]) -> list[Configuration]
     return list(groups.values())
 
 
-def read(client: Any, study: str, completed_only: bool = False) -> StudyRuns:
-    """Every finished replicate of a study in an MLflow store; ``completed_only`` leaves out the trials
-    a scheduler stopped early (their metrics are of an earlier epoch). ValueError for an unknown study."""
+def read(client: Any, study: str) -> StudyRuns:
+    """Every finished replicate of a study in an MLflow store (``StudyRuns.completed``: without the
+    trials a scheduler stopped early). ValueError for an unknown study."""
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"no study {study!r} in the MLflow store; known: {', '.join(known) or 'none'}")
     runs = client.search_runs([exp.experiment_id], max_results=50_000)
     role = {r.info.run_id: r.data.tags.get(tags.ROLE) for r in runs}
-    trials = [r for r in runs if role[r.info.run_id] == "trial" and r.info.status == "FINISHED"
-              and not (completed_only and r.data.tags.get(tags.STOPPED_EARLY) == "true")]
+    trials = [r for r in runs if role[r.info.run_id] == "trial" and r.info.status == "FINISHED"]
     seeds_of: dict[str, list[Any]] = {}
     for r in runs:
         if role[r.info.run_id] == "seed" and r.info.status == "FINISHED":
             seeds_of.setdefault(r.data.tags.get(tags.PARENT, ""), []).append(r)
-    replicates = []
+    replicates, stopped = [], []
     for t in trials:
         for r in seeds_of.get(t.info.run_id) or [t]:
             replicates.append((dict(r.data.params), dict(r.data.metrics)))
+            stopped.append(t.data.tags.get(tags.STOPPED_EARLY) == "true")
     parents = [r for r in runs if role[r.info.run_id] == "parent"]
-    return StudyRuns(study, parents[0] if parents else None, replicates)
+    return StudyRuns(study, parents[0] if parents else None, replicates, stopped)
