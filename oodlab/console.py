@@ -22,8 +22,9 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def params_text(config: dict[str, Any], keys: tuple[str, ...]) -> str:
-    return " ".join(f"{k}={_fmt(config.get(k))}" for k in keys)
+def params_text(config: dict[str, Any], keys: tuple[str, ...], sep: str = " ") -> str:
+    """``k=v`` per searched parameter; "the fixed configuration" when nothing is searched."""
+    return sep.join(f"{k}={_fmt(config.get(k))}" for k in keys) or "the fixed configuration"
 
 
 class ConsoleCallback(tune.Callback):

@@ -258,7 +258,7 @@ def tune(ctx: Context) -> Any:
     log.info("study %s: %d trials, sampler %s%s, target %s (%s)", plan.name, plan.num_samples, plan.sampler,
              f", scheduler asha (grace {plan.grace_period}, rf {plan.reduction_factor:g}, max {max_epoch} epochs)"
              if scheduler else "", ",".join(plan.targets), ",".join(plan.modes))
-    log.info("space: %s", "  ".join(f"{k}={d}" for k, d in plan.space.items()))
+    log.info("space: %s", "  ".join(f"{k}={d}" for k, d in plan.space.items()) or "none (one fixed configuration)")
     from ray.tune.logger import JsonLoggerCallback
 
     callbacks = [JsonLoggerCallback(),
@@ -388,7 +388,7 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
         best = best_row(rows, plan)
         if best:
             log.info("best %s = %.4f with %s", plan.metric, best[plan.metric],
-                     ", ".join(f"{k}={console._fmt(best[k])}" for k in plan.space))
+                     console.params_text(best, tuple(plan.space), sep=", "))
             summary[f"best_{plan.metric}"] = best[plan.metric]
             for c, metric in cols:  # every AUROC of the configuration the target selected
                 v = best.get(metric if metric in plan.targets else c)
