@@ -160,7 +160,7 @@ TABLES = [
                   f"--distances 100 --seeds 3 --epochs 5 --eval-every 5 --test-n 2000 {_COMMON} "
                   "--storage RUNS/mixture-table1",
                   f"python studies/mixture_distance.py --name mixture-vae --models vae --components 1,2 "
-                  f"--distances 150 --seeds 3 --epochs 3 --train-n 2000 --test-n 1000 --is-samples 64 "
+                  f"--distances 150 --seeds 3 --epochs 3 --train-n 2000 --test-n 500 --is-samples 16 "
                   f"--eval-every 3 {_COMMON} --storage RUNS/mixture-table1",
                   "oodlab export mixture-vae results/mixture-table1 --storage RUNS/mixture-table1",
                   "oodlab export mixture-glow results/mixture-table1 --storage RUNS/mixture-table1"),
