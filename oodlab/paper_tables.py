@@ -160,8 +160,9 @@ TABLES = [
                   f"--distances 100 --seeds 3 --epochs 5 --eval-every 5 --test-n 2000 {_COMMON} "
                   "--storage RUNS/mixture-table1",
                   f"python studies/mixture_distance.py --name mixture-vae --models vae --components 1,2 "
-                  f"--distances 150 --seeds 3 --epochs 3 --train-n 2000 --test-n 500 --is-samples 16 "
-                  f"--eval-every 3 {_COMMON} --storage RUNS/mixture-table1",
+                  f"--distances 150 --seeds 3 --epochs 3 --train-n 2000 --test-n 300 --is-samples 4 "
+                  f"--eval-every 3 {_COMMON.replace('--max-concurrent 1', '--max-concurrent 2')} "
+                  "--storage RUNS/mixture-table1",
                   "oodlab export mixture-vae results/mixture-table1 --storage RUNS/mixture-table1",
                   "oodlab export mixture-glow results/mixture-table1 --storage RUNS/mixture-table1"),
         notes="Papers 001/003 Table 1 (Fashion-MNIST {1, 7} → MNIST); components=2 is the bimodal prior "
