@@ -373,6 +373,9 @@ def finish(ctx: Context, grid: Any) -> list[dict[str, Any]]:
     stale = tune_internals.reconcile_optuna(ctx.ot_storage, plan.name)
     if stale:
         log.info("marked %d orphaned Optuna trial(s) FAIL", stale)
+    lost = tracking.reconcile_runs(ctx.mlflow_uri, ctx.exp_id, {str(r["trial"]) for r in rows})
+    if lost:
+        log.info("closed %d orphaned MLflow trial run(s) as KILLED", lost)
     files = {"trials.md": table}
     summary: dict[str, float] = {
         "trials_finished": sum(r["status"] == "OK" for r in rows),

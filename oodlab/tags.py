@@ -9,6 +9,7 @@ REPLICA_OF = "oodlab.replica_of"  # on a seed run: the Ray trial id of its trial
 ERROR = "oodlab.error"  # why a trial failed
 METRICS = "oodlab.metrics"  # final AUROC table of a trial, JSON
 DEVICE = "device"  # where the trial trained
+ORPHANED = "oodlab.orphaned"  # "true" on a trial run a killed driver lost before Tune saved the trial
 STOPPED_EARLY = "oodlab.stopped_early"  # "true" when the scheduler stopped the trial
 STOPPED_AT_EPOCH = "oodlab.stopped_at_epoch"  # the last epoch such a trial trained
 ALLOW_TEST_TARGET = "oodlab.allow_test_target"  # "true" when the target is a test metric, on request

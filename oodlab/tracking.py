@@ -86,6 +86,21 @@ def tag_study(uri: str, experiment_id: str, parent_run_id: str, run_tags: dict[s
     client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
 
 
+def reconcile_runs(uri: str, experiment_id: str, keep: set[str]) -> int:
+    """Close the trial runs (and their seed runs) of trials Tune will never finish: KILLED and tagged
+    ``oodlab.orphaned``; returns how many trials. A driver killed after a trial's first report but
+    before Tune saved its state leaves such a run; the resumed study asks for a new trial instead.
+    ``keep``: the Ray trial ids of the finished study."""
+    client = _client(uri)
+    runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50_000)
+    lost = {r.data.tags.get(tags.TRIAL) for r in runs if r.data.tags.get(tags.ROLE) == "trial"} - keep - {None}
+    for r in runs:
+        if r.data.tags.get(tags.TRIAL) in lost or r.data.tags.get(tags.REPLICA_OF) in lost:
+            client.set_tag(r.info.run_id, tags.ORPHANED, "true")
+            client.set_terminated(r.info.run_id, status="KILLED")
+    return len(lost)
+
+
 def finish_study(uri: str, parent_run_id: str, summary: dict[str, Any], files: dict[str, str],
                  status: str = "FINISHED", figures: Sequence[Path] = ()) -> None:
     """Log the study's summary metrics, text files and figures to the parent run and close it."""

@@ -198,7 +198,7 @@ def test_bimodal_training_pulls_latents_to_their_components():
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
-    cfg = Config(train_n=100, test_n=20, epochs=2, is_samples=1, device="cpu")
+    cfg = Config(train_n=50, test_n=20, epochs=2, is_samples=1, device="cpu")
     assert_resumes_exactly(lambda: Experiment(cfg), tmp_path)
 
 

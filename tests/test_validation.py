@@ -152,7 +152,7 @@ TINY = {
 
 @pytest.mark.parametrize("method", sorted(TINY))
 def test_every_method_reports_validation_and_test_metrics(method):
-    cfg = build_config(dict(method=method, train_n=200, test_n=40, val_n=100, epochs=1, device="cpu", **TINY[method]))
+    cfg = build_config(dict(method=method, train_n=100, test_n=40, val_n=100, epochs=1, device="cpu", **TINY[method]))
     res = run_trial(cfg)
     assert set(cfg.metric_names()) <= set(res.metrics)
     val = [k for k in res.metrics if is_val_metric(k)]
