@@ -16,15 +16,13 @@ so no figure is typed in by hand; ``--check`` exits 1 when a doc is not what the
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oodlab import seed_table, trials
+from oodlab import seed_table, stores, trials
 
-log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_DOC = "README.md"  # one line per paper, between <!-- paper-table:headline --> markers
 
@@ -51,30 +49,50 @@ def _label(study: str, params: dict[str, str], by: tuple[str, ...], several: boo
     return " ".join(([study] if several or not parts else []) + parts)
 
 
-def rows(table: PaperTable, root: Path = REPO) -> list[tuple[str, int, list[str]]]:
-    """(row label, seeds, cells) per configuration of the table's studies, in study order."""
+Rows = dict[str, trials.Configuration]  # row label -> its configuration's replicates, in label order
+
+
+def read(table: PaperTable, root: Path = REPO) -> Rows:
+    """Every configuration of the table's studies from ``results/<folder>``, by row label."""
     from mlflow.tracking import MlflowClient
 
-    db = root / "results" / table.folder / "mlflow.db"
-    if not db.is_file():
-        raise FileNotFoundError(f"{db} is missing: export the study there (oodlab export STUDY {db.parent})")
-    client = MlflowClient(f"sqlite:///{db}")
-    out = []
+    folder = root / "results" / table.folder
+    if not (folder / "mlflow.db").is_file():
+        raise FileNotFoundError(f"{folder / 'mlflow.db'} is missing: export the study there "
+                                f"(oodlab export STUDY {folder})")
+    client = MlflowClient(stores.default_mlflow_uri(folder))
+    found: Rows = {}
     for study in table.studies:
         for conf in trials.read(client, study).configurations():
             label = _label(study, conf.params, table.by, len(table.studies) > 1)
-            paper = table.paper.get(label, {})
-            cells = [seed_table.cell(conf.values(m), paper.get(m), table.percent) for m in table.metrics]
-            out.append((label, max((len(conf.values(m)) for m in table.metrics), default=0), cells))
-    return sorted(out, key=lambda r: r[0])
+            if label in found:
+                raise ValueError(f"table {table.key}: two configurations are row {label!r}; add the parameter "
+                                 "they differ in to `by`")
+            found[label] = conf
+    return dict(sorted(found.items()))
 
 
-def render(table: PaperTable, root: Path = REPO) -> str:
+def seeds(table: PaperTable, conf: trials.Configuration) -> int:
+    return max((len(conf.values(m)) for m in table.metrics), default=0)
+
+
+def rows(table: PaperTable, root: Path = REPO) -> list[tuple[str, int, list[str]]]:
+    """(row label, seeds, mean (sd) [paper] cells) per configuration of the table's studies."""
+    return _rows(table, read(table, root))
+
+
+def _rows(table: PaperTable, found: Rows) -> list[tuple[str, int, list[str]]]:
+    return [(label, seeds(table, conf),
+             [seed_table.cell(conf.values(m), table.paper.get(label, {}).get(m), table.percent) for m in table.metrics])
+            for label, conf in found.items()]
+
+
+def render(table: PaperTable, found: Rows) -> str:
     """The generated block: commands, then the markdown table and its note."""
     head = ["run", "seeds", *(table.headers or table.metrics)]
     lines = ["```bash", *table.commands, f"oodlab report {table.studies[0]} --storage results/{table.folder}",
              "```", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines += ["| " + " | ".join([label, str(n), *cells]) + " |" for label, n, cells in rows(table, root)]
+    lines += ["| " + " | ".join([label, str(n), *cells]) + " |" for label, n, cells in _rows(table, found)]
     scale = " (×100)" if table.percent else ""
     lines += ["", f"Mean (sd) over seeds{scale} [paper]; from `results/{table.folder}`. {table.notes}".rstrip()]
     return "\n".join(lines)
@@ -84,18 +102,20 @@ def _figure(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
-def render_headline(tables: list[PaperTable], root: Path = REPO) -> str:
-    """README's table: one line per paper, its headline cells from results/ beside the paper's."""
+def render_headline(tables: list[PaperTable], found: dict[str, Rows]) -> str:
+    """README's table: one line per paper (``found``: each table's rows by key), its headline cells
+    beside the paper's."""
     lines = ["| paper | headline | ours, mean (sd) over seeds | paper |", "| --- | --- | --- | --- |"]
     for t in tables:
         what, cells = t.headline
         if not cells:
             continue
-        got = {label: (n, dict(zip(t.metrics, row))) for label, n, row in rows(t, root)}
-        ours = " / ".join(got[label][1][m].split(" [")[0] if label in got else "—" for label, m in cells)
+        got = found[t.key]
+        ours = " / ".join(seed_table.cell(got[label].values(m), None, t.percent) if label in got else "—"
+                          for label, m in cells)
         paper = " / ".join(_figure(t.paper.get(label, {}).get(m)) for label, m in cells)
-        seeds = min((got[label][0] for label, _ in cells if label in got), default=0)
-        lines.append(f"| {t.key} | {what}, {seeds} seeds (`results/{t.folder}`) | {ours} | {paper} |")
+        n = min((seeds(t, got[label]) for label, _ in cells if label in got), default=0)
+        lines.append(f"| {t.key} | {what}, {n} seeds (`results/{t.folder}`) | {ours} | {paper} |")
     return "\n".join(lines)
 
 
@@ -111,14 +131,15 @@ def splice(text: str, key: str, block: str) -> str:
 def update(tables: list[PaperTable], root: Path = REPO, check: bool = False) -> list[str]:
     """Write every table into its docs and README's headline table; returns the files that changed
     (with ``check``: would change)."""
+    found = {t.key: read(t, root) for t in tables}  # each shipped study read once
     changed = []
     for doc in sorted({d for t in tables for d in t.docs} | {HEADLINE_DOC}):
         path = root / doc
         before = text = path.read_text()
         for t in (t for t in tables if doc in t.docs):
-            text = splice(text, t.key, render(t, root))
+            text = splice(text, t.key, render(t, found[t.key]))
         if doc == HEADLINE_DOC:
-            text = splice(text, "headline", render_headline(tables, root))
+            text = splice(text, "headline", render_headline(tables, found))
         if text != before:
             changed.append(doc)
             if not check:

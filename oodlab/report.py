@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from oodlab import data, selection, tags, trials
+from oodlab import data, selection, stores, tags, trials
 from oodlab.naming import SD, set_key
 
 # Paper 000 (Csiszárik et al.), mean (sd) over 10 runs: (inlier, OOD, noise model, negatives, score).
@@ -123,7 +123,7 @@ def _client(storage: Path, mlflow_uri: str | None = None) -> Any:
     db = Path(storage) / "mlflow.db"
     if not db.is_file():
         raise FileNotFoundError(f"no MLflow store at {db}; run a study with --storage {storage} first")
-    return MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
+    return MlflowClient(tracking_uri=stores.default_mlflow_uri(Path(storage)))
 
 
 def aggregate(configurations: list[trials.Configuration]) -> list[Cell]:

@@ -159,7 +159,7 @@ def prepare(plan: Plan, args: argparse.Namespace) -> Context:
                 if stores.study_exists(stores.optuna_storage(optuna_url), plan.name):
                     raise StudyError(f"study {plan.name!r} already exists in --optuna-storage "
                                      f"{stores.redact(optuna_url)}; pass --resume or choose another --name")
-        mlflow_uri = stores.hide_password(args.mlflow_uri or tracking.tracking_uri(results))
+        mlflow_uri = stores.hide_password(args.mlflow_uri or stores.default_mlflow_uri(results))
         if not mlflow_uri.startswith("sqlite:"):
             stores.check_reachable(mlflow_uri)  # at once: MLflow itself retries a dead database for minutes
             with stores.creation_lock(mlflow_uri):  # a fresh database is migrated here, once

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodlab import trials
+from oodlab import stores, trials
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def load_rows(storage: Path, studies: list[str], metrics: list[str]) -> list[Row
     nested seed runs of trials of several seeds, else the trial runs); unknown studies raise ValueError."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}")
+    client = MlflowClient(stores.default_mlflow_uri(Path(storage)))
     rows = []
     for name in studies:
         reps = trials.read(client, name).replicates

@@ -32,10 +32,6 @@ _RAY_KEYS = {"timestamp", "pid", "done", "training_iteration", "time_since_resto
              "time_this_iter_s", "epoch"}
 
 
-def tracking_uri(results: Path) -> str:
-    return f"sqlite:///{results.resolve() / 'mlflow.db'}"
-
-
 def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 

@@ -50,7 +50,7 @@ class StudyRuns:
     study: str
     parent: Any  # the parent MLflow run (params: target ``metric``/``mode``, fixed config), or None
     replicates: list[tuple[dict[str, str], Table]]  # (params, final metrics) of every finished replicate
-    stopped: list[bool] = field(default_factory=list)  # per replicate: its trial was stopped early (ASHA)
+    stopped: list[bool]  # per replicate: its trial was stopped early (ASHA)
 
     @property
     def parent_id(self) -> str | None:
@@ -61,7 +61,7 @@ class StudyRuns:
 
     def completed(self) -> StudyRuns:
         """Only the replicates of trials that ran to the end: a stopped trial's metrics are of an earlier epoch."""
-        kept = [r for r, stop in zip(self.replicates, self.stopped or [False] * len(self.replicates)) if not stop]
+        kept = [r for r, stop in zip(self.replicates, self.stopped) if not stop]
         return StudyRuns(self.study, self.parent, kept, [False] * len(kept))
 
 

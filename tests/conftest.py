@@ -112,11 +112,13 @@ def start_study(args: Sequence[object], ray_tmp: str) -> subprocess.Popen:
 
 def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
     """Poll ``ready()`` while the study runs; fails with the study's output if it ended first."""
-    deadline = time.time() + timeout
-    while not ready():
+    def ready_while_running() -> bool:
+        if ready():
+            return True
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else "study ended"
-        assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.2)
+        return False
+
+    wait_for(ready_while_running, what, timeout, interval=0.2)
 
 
 def sigkill_when(proc: subprocess.Popen, ray_tmp: str, ready: Callable[[], bool], what: str,
@@ -137,11 +139,11 @@ def tracking_server_watcher(port: int, state: Path, *mlflow_args: object) -> sub
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 240) -> None:
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 240, interval: float = 0.5) -> None:
     deadline = time.time() + timeout
     while not cond():
         assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.5)
+        time.sleep(interval)
 
 
 def end_group(proc: subprocess.Popen) -> None:

@@ -86,8 +86,13 @@ def fake():
 
 def _one_error_line(out: subprocess.CompletedProcess) -> str:
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return _one_line(out.stderr)
+
+
+def _one_line(stderr: str) -> str:
+    """The refusal: one ``error: …`` line and nothing else on stderr."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]
 
 
@@ -167,8 +172,9 @@ def test_node_types_from_the_environment(tmp_path, ray_tmp, monkeypatch, capsys)
     assert run("--wait-for-nodes", "0") == 2
     out = capsys.readouterr()
     assert "GPUs per trial: 0.5 (default: the cluster has or can add GPU nodes: gpu;" in out.out, out.out
-    assert "--wait-for-nodes 0: no node up holds one trial {CPU: 1, GPU: 0.5} (node types that could: gpu)" in out.err
+    err = _one_line(out.err)
+    assert "--wait-for-nodes 0: no node up holds one trial {CPU: 1, GPU: 0.5} (node types that could: gpu)" in err
     assert run("--gpus-per-trial", "2") == 2
-    err = capsys.readouterr().err
+    err = _one_line(capsys.readouterr().err)
     assert "gpu {CPU: 1, GPU: 1} (max 2); from $OODLAB_NODE_TYPES" in err, err
     assert not (tmp_path / "r").exists()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from oodlab import tags, tracking
+from oodlab import stores, tags, tracking
 
 
 def test_runs_of_trials_tune_lost_are_closed_as_orphans(tmp_path):
     """A trial whose run was created but that Tune's saved state never held: its run and its seed
     runs end KILLED and tagged; the trials Tune finished, and runs already ended, are left alone."""
-    uri = tracking.tracking_uri(tmp_path)
+    uri = stores.default_mlflow_uri(tmp_path)
     client = tracking._client(uri)
     exp = client.create_experiment("s")
 
