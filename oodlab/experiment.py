@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from oodlab import data
+from oodlab import data, naming
 from oodlab.metrics import METRICS, ood_metrics
 
 # metric naming lives in oodlab.naming; methods import these names from here with the contract
@@ -84,7 +84,7 @@ class TrialConfig:
     def __post_init__(self) -> None:
         for name in ("ood", "val_ood"):
             specs = getattr(self, name)
-            object.__setattr__(self, name, tuple(data.split_specs(specs) if isinstance(specs, str) else specs))
+            object.__setattr__(self, name, tuple(naming.split_specs(specs) if isinstance(specs, str) else specs))
         require([
             (len(self.ood) > 0, "ood: give at least one OOD set"),
             (len(self.val_ood) > 0, "val_ood: give at least one validation OOD set"),

@@ -3,6 +3,7 @@
 * metric names: ``{metric}_{set}_{score}`` (ID test vs a test OOD set), ``val_{metric}_{set}_{score}``
   (ID validation vs a validation OOD set), ``val_id_{score}`` (mean score of the ID validation images);
   with replicates, ``{name}_sd`` is the standard deviation over seeds of ``{name}``;
+* data specs: ``split_specs`` splits a comma list of them, ``set_key`` names one in metrics;
 * ``mode_of``: whether a metric is better high or low (a study's default ``--mode``, selection, report);
 * ``NOT_HYPERPARAMETERS``: config fields that do not define a configuration (seeds, devices, caches),
   so trials that differ only in them are replicates of one configuration.
@@ -27,6 +28,20 @@ NOT_HYPERPARAMETERS = frozenset({"seed", "seeds", "fuse", "device", "eval_every"
 def mode_of(metric: str) -> str:
     """"min" for error rates, ID mean scores, likelihood-style means and losses; "max" otherwise."""
     return "min" if metric.removeprefix(VAL).startswith(LOWER_IS_BETTER) else "max"
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs, keeping commas inside [...] modifiers."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [s for s in out if s]
 
 
 def set_key(spec: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from oodlab import data, selection, stores, tags, trials
+from oodlab import naming, selection, stores, tags, trials
 from oodlab.naming import SD, set_key
 
 # Paper 000 (Csiszárik et al.), mean (sd) over 10 runs: (inlier, OOD, noise model, negatives, score).
@@ -134,7 +134,7 @@ def aggregate(configurations: list[trials.Configuration]) -> list[Cell]:
         params = g.params
         id_spec, neg, dec = params.get("id", "?"), params.get("negatives", "-"), params.get("decoder", "-")
         rest = tuple((k, selection.value_text(params.get(k, ""))) for k in varied)
-        for ood in data.split_specs(params.get("ood", "")):
+        for ood in naming.split_specs(params.get("ood", "")):
             row = (("inlier", id_spec), ("OOD", ood), ("noise model", dec), *rest)
             prefix = f"auroc_{set_key(ood)}_"
             names = sorted({n for m in g.metrics for n in m if n.startswith(prefix) and not n.endswith(SD)})

@@ -16,8 +16,6 @@ import io
 import math
 from dataclasses import dataclass
 
-from scipy.stats import kendalltau
-
 from oodlab.metrics import METRICS
 from oodlab.naming import SD, VAL, is_val_metric, mode_of
 from oodlab.trials import Configuration
@@ -176,8 +174,10 @@ def agreement(groups: list[Configuration], target: str) -> list[Agreement]:
         pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
         tau = math.nan
         if len(pairs) >= 3:
+            from scipy import stats  # here: `oodlab report` on one configuration skips scipy's import
+
             a, b = zip(*pairs)
-            tau = float(kendalltau(a, b).statistic)  # one metric on both sides: one direction
+            tau = float(stats.kendalltau(a, b).statistic)  # one metric on both sides: one direction
         out.append(Agreement(target, test, tau, len(pairs)))
     return out
 

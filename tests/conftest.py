@@ -163,6 +163,23 @@ def oodlab_cli(*args: object, timeout: float = 180) -> subprocess.CompletedProce
                           cwd=REPO, timeout=timeout, env=env)
 
 
+def oodlab_here(capsys: pytest.CaptureFixture[str], *args: object) -> subprocess.CompletedProcess:
+    """``oodlab ARGS`` in this process (``cli.main``): the exit code and output a user gets, without
+    an interpreter start per call; no store defaults from the test process, before or after."""
+    from oodlab import cli
+
+    saved = {k: os.environ.pop(k) for k in STORE_ENV if k in os.environ}
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in args])
+    finally:
+        for k in STORE_ENV:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["oodlab", *map(str, args)], rc, out.out, out.err)
+
+
 def optuna_states(db: Path) -> list[str]:
     """States of all Optuna trials in a storage file, read with sqlite3 (cheap to poll)."""
     if not db.exists():

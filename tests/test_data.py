@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodlab import data
+from oodlab import data, naming
 from oodlab.data import DataError, ImageSet
 
 ROOT = Path(os.environ["OODLAB_DATA_DIR"])  # set by conftest.py
@@ -283,7 +283,7 @@ def test_failed_download_is_data_error(tmp_path, monkeypatch):
 
 
 def test_split_specs_keeps_modifier_commas():
-    assert data.split_specs("mnist,uniform_noise[channels=3,size=32], npz:/a/b.npz") == [
+    assert naming.split_specs("mnist,uniform_noise[channels=3,size=32], npz:/a/b.npz") == [
         "mnist", "uniform_noise[channels=3,size=32]", "npz:/a/b.npz"]
 
 

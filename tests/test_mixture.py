@@ -166,17 +166,17 @@ def test_importance_sampling_matches_a_per_image_loop():
 # ---------------------------------------------------------------- the method
 
 def test_trial_reports_nll_auroc_and_gap(tmp_path):
-    cfg = Config(train_n=100, test_n=60, epochs=1, batch_size=50, is_samples=2, device="cpu")
+    cfg = Config(train_n=100, test_n=20, epochs=1, batch_size=50, is_samples=2, device="cpu")
     exp = Experiment(cfg)
     train, _ = load_sets(cfg, torch.device("cpu"))  # the same training images, in the same order
     assert set(train.y.tolist()) == {1, 7}  # Trouser and Sneaker
     assert torch.equal(exp.comp, (train.y == 7).long())  # component = rank of the label
     res = exp.step()
     s_id, s_out = res.scores["id"]["nll"], res.scores["mnist"]["nll"]
-    assert s_id.shape == (60,) and np.all(np.isfinite(s_out))
+    assert s_id.shape == (20,) and np.all(np.isfinite(s_out))
     from sklearn.metrics import roc_auc_score
 
-    assert res.metrics["auroc_mnist_nll"] == pytest.approx(roc_auc_score([0] * 60 + [1] * 60, np.r_[s_id, s_out]))
+    assert res.metrics["auroc_mnist_nll"] == pytest.approx(roc_auc_score([0] * 20 + [1] * 20, np.r_[s_id, s_out]))
     assert res.metrics["nll_gap_mnist"] == pytest.approx(s_out.mean() - s_id.mean(), rel=1e-6)
     assert set(cfg.metric_names()) <= set(res.metrics)
     exp.write_artifacts(tmp_path)
@@ -184,9 +184,9 @@ def test_trial_reports_nll_auroc_and_gap(tmp_path):
 
 
 def test_bimodal_training_pulls_latents_to_their_components():
-    """Two epochs (40 steps) move each class's posterior means from ~0 towards its own mean ±10.
-    (After one epoch the class-0 mean was -6.3 with two torch threads but -2.9 with one.)"""
-    cfg = Config(train_n=200, test_n=10, epochs=2, batch_size=10, distance=20.0, lr=1e-2, is_samples=1, device="cpu")
+    """Two epochs (20 steps) move each class's posterior means from ~0 towards its own mean ±10
+    (measured: -5.0 and +10.5 with one torch thread)."""
+    cfg = Config(train_n=100, test_n=10, epochs=2, batch_size=10, distance=20.0, lr=1e-2, is_samples=1, device="cpu")
     exp = Experiment(cfg)
     exp.train_epoch()
     exp.train_epoch()
@@ -194,7 +194,7 @@ def test_bimodal_training_pulls_latents_to_their_components():
     with torch.no_grad():
         mu, _ = exp.model.encode(exp.train_x.float() / 255)
     m0, m1 = float(mu[exp.comp == 0, 0].mean()), float(mu[exp.comp == 1, 0].mean())
-    assert m0 < -4 and m1 > 4, (m0, m1)  # label 1 -> component 0 at −10, label 7 -> component 1 at +10
+    assert m0 < -3 and m1 > 3, (m0, m1)  # label 1 -> component 0 at −10, label 7 -> component 1 at +10
 
 
 def test_checkpoint_resume_is_exact(tmp_path):

@@ -15,7 +15,7 @@ from oodlab.experiment import ConfigError
 from oodlab.methods import negprior
 from oodlab.methods.negprior import Config, Experiment
 from oodlab.models.vae import VAE, VAEConfig
-from oodlab.registry import build_config, run_trial
+from oodlab.registry import build_config
 from oodlab.report import PAPER_000, aggregate, bar_plot, paper_reference, to_csv, to_markdown
 from oodlab.scores import iwae_log_likelihood
 from oodlab.trials import group
@@ -189,12 +189,12 @@ def test_color_arch_gaussian_adversarial_with_spectral_norm_on_stand_ins(tmp_pat
     """32×32×3 stand-ins (gray sets in color), DCGAN-style VAE, Gaussian decoder, spectral-normed encoder."""
     c3 = "[channels=3,size=32]"
     cfg = dict(id="fashion_mnist[n=400,channels=3,size=32]", ood="mnist" + c3, negatives="adversarial",  # n: resize 400
-               decoder="gaussian", spectral_norm=True, shift=25.0, optimizer="adam", train_n=100, val_n=100, test_n=50,
+               decoder="gaussian", spectral_norm=True, shift=25.0, optimizer="adam", train_n=100, val_n=100, test_n=30,
                epochs=1, device="cpu")
-    res = run_trial(cfg)
+    exp = Experiment(build_config(cfg))
+    res = exp.step()
     assert all(0 <= res.metrics[f"auroc_mnist_channels_3_size_32_{s}"] <= 1 for s in ("bpd", "kl"))
     assert all(math.isfinite(v) for v in res.train.values())
-    exp = Experiment(build_config(cfg))
     assert exp.model.cfg.arch == "color" and any(hasattr(m, "parametrizations") for m in exp.model.encoder.modules())
     exp.write_artifacts(tmp_path)
     assert (tmp_path / "samples.png").is_file()

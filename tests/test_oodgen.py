@@ -303,7 +303,7 @@ def test_accuracy_counts_the_ood_class_as_an_error():
 # ---------------------------------------------------------------- the trial
 
 def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
-    cfg = dict(method="oodgen", train_n=400, test_n=60, epochs=1, cvae_epochs=1, mc_samples=3, batch_size=100,
+    cfg = dict(method="oodgen", train_n=200, test_n=40, epochs=1, cvae_epochs=1, mc_samples=2, batch_size=100,
                ood="mnist,uniform_noise", device="cpu")
     res = run_trial(cfg)
     names = ("n1_prob", "msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")
@@ -312,14 +312,14 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
             for m in ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"):
                 assert 0.0 <= res.metrics[f"{m}_{ood}_{s}"] <= 1.0
     assert (
-        res.scores["id"]["n1_prob"].shape == (60,)
+        res.scores["id"]["n1_prob"].shape == (40,)
         and ((res.scores["id"]["n1_prob"] >= 0) & (res.scores["id"]["n1_prob"] <= 1)).all()
     )
     assert {"acc_n1", "acc_n1_among_id", "acc_plain", "acc_conf", "loss_n1", "loss"} <= set(res.train)
     assert res.train["acc_n1"] <= res.train["acc_n1_among_id"]  # predicting the OOD class only adds errors
-    assert res.train["acc_plain"] > 0.4  # 5 classes: chance is 0.2
+    assert res.train["acc_plain"] > 0.3  # 5 classes: chance is 0.2
 
-    small = build_config({**cfg, "baselines": False, "train_n": 200})
+    small = build_config({**cfg, "baselines": False, "train_n": 100})
     _, c = assert_resumes_exactly(lambda: oodgen.Experiment(small), tmp_path,
                                   params=lambda e: [*e.cvae.parameters(), *e.clf["n1"].parameters()])
     c.write_artifacts(tmp_path)

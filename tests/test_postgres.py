@@ -19,7 +19,7 @@ from conftest import (
     REPO,
     end_group,
     kill_leftovers,
-    oodlab_cli,
+    oodlab_here,
     start_study,
     study_env,
     tracking_server_watcher,
@@ -62,7 +62,8 @@ def _runs(uri, study):
 
 
 @pytest.mark.slow
-def test_study_on_postgres_and_a_tracking_server_survives_ctrl_c_then_reports_and_exports(tmp_path, ray_tmp, pg):
+def test_study_on_postgres_and_a_tracking_server_survives_ctrl_c_then_reports_and_exports(tmp_path, ray_tmp, pg,
+                                                                                        capsys):
     """A grid study of two seeds per trial as on a cluster: Optuna on PostgreSQL (its URL carries a
     password, written down nowhere), MLflow through a tracking server backed by PostgreSQL and kept
     up by the watcher, checkpoints on a separate (shared) path, a user's npz OOD set. Ctrl-C once a
@@ -81,12 +82,12 @@ def test_study_on_postgres_and_a_tracking_server_survives_ctrl_c_then_reports_an
         _ctrl_c_resume_report_export(tmp_path, ray_tmp, [
             sys.executable, STUDY, "--storage", storage, "--name", "pg", "--shifts", "2,4", *TINY,
             "--max-concurrent", "1", "--optuna-storage", secret, "--mlflow-uri", uri, "--checkpoint-storage", nfs,
-            "--ood", f"mnist,npz:{npz}", "--seeds", "2"], ot, uri)
+            "--ood", f"mnist,npz:{npz}", "--seeds", "2"], ot, uri, capsys)
     finally:
         end_group(server)
 
 
-def _ctrl_c_resume_report_export(tmp_path, ray_tmp, args, ot, ml):
+def _ctrl_c_resume_report_export(tmp_path, ray_tmp, args, ot, ml, capsys):
     storage, nfs = tmp_path / "r", tmp_path / "nfs"
     proc = start_study(args, ray_tmp)
     wait_until(proc, lambda: pg_states(ot).count("COMPLETE") >= 1, "a trial COMPLETE")
@@ -146,14 +147,15 @@ def _ctrl_c_resume_report_export(tmp_path, ray_tmp, args, ot, ml):
 
     # export, move the folder (another machine), read it back and open it with `oodlab ui`
     exported = tmp_path / "export"
-    listed = oodlab_cli("list", "--storage", storage)  # the stores it wrote down: --storage alone
+    oodlab = lambda *a: oodlab_here(capsys, *a)  # in process: no interpreter start per command
+    listed = oodlab("list", "--storage", storage)  # the stores it wrote down: --storage alone
     assert listed.returncode == 0 and re.search(r"^pg\s+2\s", listed.stdout, re.M), listed.stdout + listed.stderr
-    report = oodlab_cli("report", "pg", "--storage", storage)
+    report = oodlab("report", "pg", "--storage", storage)
     assert report.returncode == 0 and "Best trials" in report.stdout, report.stdout[-2000:] + report.stderr[-2000:]
-    wrong = oodlab_cli("report", "pg", "--storage", storage, "--optuna-storage",  # the flags still win
-                       f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/x")
+    wrong = oodlab("report", "pg", "--storage", storage, "--optuna-storage",  # the flags still win
+                   f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/x")
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "hunter2" not in wrong.stderr
-    out = oodlab_cli("export", "pg", exported, "--storage", storage)
+    out = oodlab("export", "pg", exported, "--storage", storage)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 Optuna trials, 7 MLflow runs" in out.stdout, out.stdout  # parent, 2 trials, 4 seed runs
     moved = tmp_path / "elsewhere"
@@ -171,7 +173,7 @@ def _ctrl_c_resume_report_export(tmp_path, ray_tmp, args, ot, ml):
         assert [m.step for m in ex_client.get_metric_history(r.info.run_id, "loss")] == [1, 2]
         ex_seeds = ex_client.search_runs([r.info.experiment_id], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")
         assert len(ex_seeds) == 2  # the seed runs nest under their exported trial run
-    out = oodlab_cli("list", "--storage", moved)
+    out = oodlab("list", "--storage", moved)
     assert out.returncode == 0 and next(ln for ln in out.stdout.splitlines() if ln.startswith("pg")).split()[1] == "2"
 
     # what `oodlab ui --storage DIR` serves (--artifacts-destination DIR/mlartifacts): each run's
@@ -244,7 +246,7 @@ def test_bad_or_unreachable_store_is_refused_before_compute(tmp_path, pg, capsys
         err = capsys.readouterr().err
         assert match in err and "secret" not in err, err[-2000:]  # passwords are not printed
         assert not (tmp_path / "r").exists()
-    out = oodlab_cli("list", "--optuna-storage", f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x")
+    out = oodlab_here(capsys, "list", "--optuna-storage", f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x")
     assert out.returncode == 2 and "cannot reach the database" in out.stderr and "secret" not in out.stderr
 
 

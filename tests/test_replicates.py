@@ -11,13 +11,13 @@ from oodlab import naming, selection
 from oodlab.replicates import Replicates, mean_and_sd
 from oodlab.trials import group
 
-TINY = dict(method="negprior", negatives="aux", epochs=2, train_n=300, test_n=150, val_n=150, pad=True,
+TINY = dict(method="negprior", negatives="aux", epochs=2, train_n=300, test_n=50, val_n=50, pad=True,
             device="cpu", seeds=2)
 # Fused (vmap over stacked weights) and looped replicas do the same arithmetic in another order, so
 # float32 rounding differs, and training amplifies it (a chaotic system): after one epoch (6 steps)
-# loss terms agree to < 1e-5 relative and metrics to < 1e-4; after 12 steps one baseline replica's
-# ID KL already differs by 0.5%. The tolerances below hold for one epoch.
-LOSS_RTOL, METRIC_ATOL = 1e-4, 1e-3
+# loss terms agree to < 1e-5 relative; after 12 steps one baseline replica's ID KL already differs
+# by 0.5%. The tolerances below hold for one epoch.
+LOSS_RTOL, SCORE_RTOL = 1e-4, 1e-3
 
 
 @pytest.mark.parametrize("negatives", ["aux", "none"])
@@ -33,7 +33,9 @@ def test_fused_and_looped_replicates_train_alike(negatives):
             a, b = looped.replicas[seed], fused.replicas[seed]
             for k in a.train:
                 assert b.train[k] == pytest.approx(a.train[k], rel=LOSS_RTOL), (seed, k)
-            assert max(abs(a.metrics[k] - b.metrics[k]) for k in a.metrics) < METRIC_ATOL
+            for name, scores in a.scores.items():  # scores, not rank metrics: one flipped pair moves an FPR by 1/n
+                for score, v in scores.items():
+                    np.testing.assert_allclose(b.scores[name][score], v, rtol=SCORE_RTOL, err_msg=f"{name} {score}")
     seeds = runs["looped"][0].replicas
     assert seeds[0].train["loss"] != seeds[1].train["loss"]  # two seeds, two different runs
 

@@ -152,7 +152,7 @@ TINY = {
 
 @pytest.mark.parametrize("method", sorted(TINY))
 def test_every_method_reports_validation_and_test_metrics(method):
-    cfg = build_config(dict(method=method, train_n=100, test_n=40, val_n=100, epochs=1, device="cpu", **TINY[method]))
+    cfg = build_config(dict(method=method, train_n=100, test_n=20, val_n=100, epochs=1, device="cpu", **TINY[method]))
     res = run_trial(cfg)
     assert set(cfg.metric_names()) <= set(res.metrics)
     val = [k for k in res.metrics if is_val_metric(k)]
@@ -164,7 +164,7 @@ def test_every_method_reports_validation_and_test_metrics(method):
         assert np.isfinite(res.metrics[val_id_name(s)])
         # val_id_{score} is the mean score of the ID validation images; the val AUROC compares those to val OOD
         assert res.metrics[val_id_name(s)] == pytest.approx(float(np.mean(res.scores["val_id"][s])))
-    assert {"id", "val_id"} <= set(res.scores) and len(res.scores["val_id"][cfg.score_names()[0]]) == 40
+    assert {"id", "val_id"} <= set(res.scores) and len(res.scores["val_id"][cfg.score_names()[0]]) == 20
 
 
 # ---------------------------------------------------------------- selection (oodlab report)
