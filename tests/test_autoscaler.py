@@ -84,11 +84,6 @@ def fake():
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _one_error_line(out: subprocess.CompletedProcess) -> str:
-    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
-    return _one_line(out.stderr)
-
-
 def _one_line(stderr: str) -> str:
     """The refusal: one ``error: …`` line and nothing else on stderr."""
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -97,24 +92,33 @@ def _one_line(stderr: str) -> str:
 
 
 @pytest.mark.slow
-def test_refusals_before_any_node_is_asked_for(fake, tmp_path):
+def test_refusals_before_any_node_is_asked_for(fake, tmp_path, monkeypatch, capsys):
     """A request no node type can meet, and node-local checkpoints on a cluster that can add
     nodes: exit 2, one line, nothing written, no node launched. --wait-for-nodes: exit 2 when
-    the node it waits for is not up in time."""
+    the node it waits for is not up in time. In process (the study's own main joins the head)."""
+    from conftest import study_main
+
+    for k, v in fake.study_env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     storage = tmp_path / "r"
-    err = _one_error_line(fake.study("--storage", storage, "--shifts", "2", *TINY, "--gpus-per-trial", "4"))
+
+    def refused(*flags: object) -> str:
+        assert study_main(STUDY, "--storage", storage, "--shifts", "2", *TINY, *flags) == 2
+        out = capsys.readouterr()
+        assert "waiting for the autoscaler" not in out.out
+        return _one_line(out.err)
+
+    err = refused("--gpus-per-trial", "4")
     assert "--gpus-per-trial 4" in err and "gpu_worker {CPU: 1, GPU: 1}" in err and "autoscaling.yaml" in err, err
-    err = _one_error_line(fake.study("--storage", storage, "--shifts", "2", *TINY, "--cpus-per-trial", "3",
-                                     "--gpus-per-trial", "0"))
+    err = refused("--cpus-per-trial", "3", "--gpus-per-trial", "0")
     assert "no node type of the autoscaler" in err and "{CPU: 3}" in err, err
-    local = {k: v for k, v in fake.study_env.items() if k != "OODLAB_SHARED_FS_TYPES"}
-    err = _one_error_line(fake.study("--storage", storage, "--shifts", "2", *TINY, env=local))
+    err = refused("--gpus-per-trial", "2", "--wait-for-nodes", "0")
+    assert "--wait-for-nodes 0" in err and "gpu2_worker" in err, err
+    monkeypatch.delenv("OODLAB_SHARED_FS_TYPES")  # /tmp is node-local again
+    err = refused()
     assert "can add worker nodes (cpu_worker, gpu_worker, gpu2_worker)" in err and "--checkpoint-storage" in err, err
     assert not storage.exists() and fake.launched() == []
-    out = fake.study("--storage", storage, "--shifts", "2", *TINY, "--gpus-per-trial", "2", "--wait-for-nodes", "0")
-    err = _one_error_line(out)
-    assert "--wait-for-nodes 0" in err and "gpu2_worker" in err, err
-    assert "waiting for the autoscaler" not in out.stdout and not storage.exists()
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 
 import yaml
-from conftest import REPO
+from conftest import REPO, oodlab_here
 
 
 def test_cluster_yaml_validates_with_ray_schema():
@@ -19,13 +19,8 @@ def test_cluster_yaml_validates_with_ray_schema():
 
 
 def _oodlab(capsys, *args) -> tuple[int, str, str]:
-    """``oodlab ARGS`` in process: (exit code, stdout, stderr)."""
-    from oodlab.cli import main
-
-    capsys.readouterr()  # what the test itself printed (MLflow's store creation) is not the command's
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    out = oodlab_here(capsys, *args)
+    return out.returncode, out.stdout, out.stderr
 
 
 def test_cli_errors_and_list(tmp_path, capsys):

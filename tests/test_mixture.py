@@ -166,7 +166,7 @@ def test_importance_sampling_matches_a_per_image_loop():
 # ---------------------------------------------------------------- the method
 
 def test_trial_reports_nll_auroc_and_gap(tmp_path):
-    cfg = Config(train_n=100, test_n=20, epochs=1, batch_size=50, is_samples=2, device="cpu")
+    cfg = Config(train_n=40, test_n=20, epochs=1, batch_size=20, is_samples=2, device="cpu")
     exp = Experiment(cfg)
     train, _ = load_sets(cfg, torch.device("cpu"))  # the same training images, in the same order
     assert set(train.y.tolist()) == {1, 7}  # Trouser and Sneaker
@@ -198,7 +198,7 @@ def test_bimodal_training_pulls_latents_to_their_components():
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
-    cfg = Config(train_n=50, test_n=20, epochs=2, is_samples=1, device="cpu")
+    cfg = Config(train_n=20, test_n=10, batch_size=10, epochs=2, is_samples=1, device="cpu")
     assert_resumes_exactly(lambda: Experiment(cfg), tmp_path)
 
 

@@ -361,7 +361,8 @@ def test_study_trains_each_seeds_vae_once_in_the_driver_before_the_trials(tmp_pa
     script = REPO / "studies" / "rose_perturbation.py"
     study = runpy.run_path(str(script))
     args = parse_args(str(script), study["configure"], ["--smoke", "--scores", "rose_diag", "--seeds", "2",
-                                                       "--storage", str(tmp_path), "--train-n", "200"])
+                                                       "--storage", str(tmp_path), "--train-n", "200",
+                                                       "--width", "4", "--latent-dim", "3"])
     plan = resolve(study["build"](args), args)
     assert plan.before_run is not None
     plan.before_run(plan.fixed)

@@ -20,12 +20,14 @@ STUDY = REPO / "studies" / "negprior_shift.py"
 
 
 @pytest.mark.slow
-def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp):
+def test_gpu_request_without_gpus_fails_fast(tmp_path, ray_tmp, monkeypatch, capsys):
+    """In process: the study's main starts a local Ray, finds no GPU, refuses and stops it."""
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     storage = tmp_path / "results"
-    out = subprocess.run([sys.executable, str(STUDY), "--smoke", "--storage", str(storage), "--gpus-per-trial", "0.5"],
-                         env=study_env(ray_tmp), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert "GPUs" in out.stderr and "--gpus-per-trial 0" in out.stderr
+    assert study_main(STUDY, "--smoke", "--storage", storage, "--gpus-per-trial", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "GPUs" in err and "--gpus-per-trial 0" in err, err
     assert not storage.exists(), "a refused study must write nothing"
 
 
