@@ -174,9 +174,10 @@ def _study(args, ray_tmp, timeout=240):
 
 
 @pytest.mark.slow
-def test_study_joins_the_head_on_this_node_then_survives_its_stale_file(tmp_path, ray_tmp):
+def test_study_joins_the_head_on_this_node_then_survives_its_stale_file(tmp_path, ray_tmp, monkeypatch):
     """No --address, no RAY_ADDRESS: with a live head the trials run on it; after the head dies
-    without `ray stop` (address file left behind) the study runs on a local Ray instead."""
+    without `ray stop` (address file left behind) the driver starts a local Ray instead (in
+    process: the study's own connect step, then a task on that Ray)."""
     with ray_head(ray_tmp) as head:
         session = head.session_dir()
         out = _study(["--storage", tmp_path / "r", "--name", "joined", *TINY], ray_tmp)
@@ -188,9 +189,18 @@ def test_study_joins_the_head_on_this_node_then_survives_its_stale_file(tmp_path
         assert list((session / "logs").glob(f"worker-*-{pid}.out")), f"trial pid {pid} is not a worker of the head"
         head.kill()
     assert (Path(ray_tmp) / "ray" / "ray_current_cluster").exists(), "a killed head leaves its address file"
-    out = _study(["--storage", tmp_path / "r", "--name", "after-death", *TINY], ray_tmp)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "Ray: local (stale address file" in out.stdout
+    import ray
+
+    from oodlab import ray_connect
+
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    target = ray_connect.init(None, num_cpus=1, include_dashboard=False)
+    try:
+        assert not target.joins and target.reason.startswith("stale address file"), target
+        assert ray.get(ray.remote(lambda: 42).remote()) == 42
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow

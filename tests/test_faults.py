@@ -22,7 +22,7 @@ NAN_STUDY = textwrap.dedent("""
     from oodlab.study import StudySpec, common_overrides, val_metric
     def configure(p): pass
     def build(args):
-        fixed = dict(epochs=3, train_n=400, test_n=100, val_n=100, **common_overrides(args))
+        fixed = dict(epochs=2, train_n=300, test_n=100, val_n=100, **common_overrides(args))
         return StudySpec(name=args.name or "nan", fixed=fixed, space={"fail_at_epoch": [None, 2]},
                          metric=val_metric(fixed, "auroc", "bpd"))
     if __name__ == "__main__":
@@ -94,7 +94,7 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
     cluster.add_node(num_cpus=1)
     try:
         args = [sys.executable, STUDY, "--storage", tmp_path / "r", "--name", "kill", "--shifts", "2,8",
-                "--epochs", "4", "--train-n", "800", "--test-n", "100", "--address", cluster.address]
+                "--epochs", "3", "--train-n", "600", "--test-n", "100", "--address", cluster.address]
         proc = start_study(args, ray_tmp)
         exp = tmp_path / "r" / "ray" / "kill"
         deadline, victim = time.time() + 180, None
@@ -103,7 +103,7 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
             for d in exp.glob("trial_*"):
                 if (d / "result.json").exists() and (d / "result.json").read_text().strip():
                     last = json.loads((d / "result.json").read_text().splitlines()[-1])
-                    if last["epoch"] < 4:
+                    if last["epoch"] < 3:
                         victim = (d, last["pid"], last["epoch"])
                         break
             time.sleep(0.1)
@@ -113,14 +113,14 @@ def test_worker_killed_mid_trial_restarts_from_checkpoint(tmp_path, ray_tmp, mon
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out.decode()[-3000:]
         rows = [json.loads(line) for line in (victim[0] / "result.json").read_text().splitlines()]
-        assert rows[-1]["epoch"] == 4
+        assert rows[-1]["epoch"] == 3
         # the restarted run began from the checkpoint of the last reported epoch, not from scratch,
         # first replaying that epoch's report to Tune, and trained every epoch once
         assert rows[-1]["start_epoch"] >= victim[2] >= 1, rows[-1]["start_epoch"]
         replays = [r for r in rows if r.get("replayed")]
         assert [r["epoch"] for r in replays] == [rows[-1]["start_epoch"]], rows
         trained = [r["epoch"] for r in rows if not r.get("replayed")]
-        assert trained == list(range(1, 5)), trained
+        assert trained == list(range(1, 4)), trained
         assert optuna_states(tmp_path / "r" / "optuna.db").count("COMPLETE") == 2
     finally:
         cluster.shutdown()

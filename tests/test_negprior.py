@@ -25,9 +25,10 @@ def test_loss_parts_and_baseline():
 
 
 def test_negatives_move_to_shift_and_inliers_stay_near_zero():
-    """A sign or target mistake in the negative term shows here after a few hundred steps."""
+    """A sign or target mistake in the negative term shows here after 80 steps (measured: negatives'
+    mean 2.96, inliers' 0.79)."""
     cfg = Config(id="fashion_mnist", ood="mnist", aux="notmnist", negatives="aux", shift=4.0,
-                      train_n=4000, test_n=200, epochs=1, batch_size=50, lr=1e-3, device="cpu")
+                 train_n=2000, test_n=200, epochs=1, batch_size=25, lr=1e-3, device="cpu")
     exp = Experiment(cfg)
     exp.train_epoch()
     exp.model.eval()
@@ -41,13 +42,13 @@ def test_negatives_move_to_shift_and_inliers_stay_near_zero():
 
 def test_trial_on_real_data_reports_finite_metrics():
     res = run_trial(
-        dict(train_n=1000, test_n=300, epochs=1, negatives="aux", iwae_k=2, ood="mnist,omniglot", device="cpu")
+        dict(train_n=1000, test_n=100, epochs=1, negatives="aux", iwae_k=2, ood="mnist,omniglot", device="cpu")
     )
     for ood in ("mnist", "omniglot"):
         for score in ("bpd", "kl", "iwae"):
             v = res.metrics[f"auroc_{ood}_{score}"]
             assert 0.0 <= v <= 1.0
-    assert res.scores["id"]["bpd"].shape == (300,) and res.scores["omniglot"]["kl"].shape == (300,)
+    assert res.scores["id"]["bpd"].shape == (100,) and res.scores["omniglot"]["kl"].shape == (100,)
     assert res.train["loss"] > 0
 
 
