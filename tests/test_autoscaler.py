@@ -3,9 +3,9 @@ machine and starts worker raylets with their node type's resources (GPUs as fake
 trials train on the CPU). Head: CPU 0 (the driver only, as in cluster.yaml); workers at min 0.
 
 One cluster for the module (started once; its GCS port is in the config, as the fake provider
-needs). The studies run in order: a CPU study (launches a CPU worker, no GPU worker), the default
-``--gpus-per-trial`` (must request GPUs: the first GPU worker appears for it), ``--gpus-per-trial 1``;
-refusals (a request no node type meets, ``--wait-for-nodes``, node-local checkpoints) run first."""
+needs). The studies run in order: a CPU study (launches a CPU worker, no GPU worker), then the
+default ``--gpus-per-trial`` (must request GPUs: the first GPU worker appears for it); refusals (a
+request no node type meets, ``--wait-for-nodes``, node-local checkpoints) run first."""
 
 from __future__ import annotations
 
@@ -153,11 +153,6 @@ def test_studies_wait_for_the_autoscaler(fake, tmp_path):
     assert f"a node for one trial {{CPU: 1, GPU: {share:g}}} (gpu_worker, gpu2_worker)" in out.stdout, out.stdout
     assert re.search(r"a node for \{CPU: 1, GPU: 0.5\} is up after \d+ s", out.stdout), out.stdout
     assert fake.launched() == [*before, "cpu_worker", "gpu_worker"], fake.launched()
-
-    # a whole GPU per trial: runs on the GPU worker (up now, or launched again)
-    out = fake.study("--storage", tmp_path / "one", "--name", "one", "--shifts", "2", *TINY, "--gpus-per-trial", "1")
-    finished(out, "one", tmp_path / "one", 1)
-    assert "GPUs per trial" not in out.stdout  # given, not chosen
     assert "gpu2_worker" not in fake.launched()  # --wait-for-nodes 0 asked the autoscaler for nothing
 
 
@@ -179,6 +174,8 @@ def test_node_types_from_the_environment(tmp_path, ray_tmp, monkeypatch, capsys)
     err = _one_line(out.err)
     assert "--wait-for-nodes 0: no node up holds one trial {CPU: 1, GPU: 0.5} (node types that could: gpu)" in err
     assert run("--gpus-per-trial", "2") == 2
-    err = _one_line(capsys.readouterr().err)
+    out = capsys.readouterr()
+    assert "GPUs per trial" not in out.out  # given, not chosen
+    err = _one_line(out.err)
     assert "gpu {CPU: 1, GPU: 1} (max 2); from $OODLAB_NODE_TYPES" in err, err
     assert not (tmp_path / "r").exists()
