@@ -359,11 +359,11 @@ def _synthetic_draw(name: str, split: str, n: int, c: int, size: int) -> torch.T
     if name == "uniform_noise":
         return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     if name == "blobs":
-        return _blobs(shape, g)
+        return blobs(shape, g)
     return torch.randint(0, 256, (n, 1, 1, 1), generator=g, dtype=torch.uint8).expand(shape).contiguous()
 
 
-def _blobs(shape: tuple[int, int, int, int], g: torch.Generator) -> torch.Tensor:
+def blobs(shape: tuple[int, int, int, int], g: torch.Generator) -> torch.Tensor:
     """Amorphous binary shapes with sharp edges, the "Blobs" validation-OOD set of Hendrycks et al.
     (Outlier Exposure, ICLR 2019, App. B): Bernoulli(0.7) pixels, Gaussian blur (σ = 1.5 px),
     thresholded at 0.75. Simple images like these get high likelihood under image VAEs."""
