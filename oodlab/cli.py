@@ -180,7 +180,9 @@ def ui(storage: Path, port: int, host: str, mlflow_uri: str | None = None) -> in
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--artifacts-destination", str((storage / "mlartifacts").resolve()), "--workers", "1"]
     print("[oodlab] " + " ".join(cmd), flush=True)
-    os.execvp(cmd[0], cmd)
+    from oodlab.tracking_server import server_env
+
+    os.execvpe(cmd[0], cmd, server_env())
     return 0
 
 

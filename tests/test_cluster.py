@@ -333,6 +333,7 @@ def test_mlflow_deployment_is_a_tracking_server_on_a_database():
     assert flag("--backend-store-uri") == "$(MLFLOW_DB)" and "sqlite" not in " ".join(args)
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_DB"]["valueFrom"] == {"secretKeyRef": {"name": "oodlab-stores", "key": "mlflow-db"}}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"  # as tracking_server.server_env
     assert flag("--artifacts-destination").startswith("/results/")
     assert c["volumeMounts"][0]["mountPath"] == "/results"
     assert service["metadata"]["name"] in flag("--allowed-hosts").split(",")  # MLflow 3 checks the Host header
