@@ -198,6 +198,23 @@ def ray_tmp():
     kill_leftovers(d)
 
 
+def assert_reports_validation_and_test_metrics(cfg: Any, res: Any) -> None:
+    """The validation protocol in a method's trial: every metric it names is reported; each
+    validation OOD set has a ``val_`` AUROC per score in [0, 1]; ``val_id_{score}`` is the mean
+    score of the ID validation images, of which there are ``test_n``."""
+    import numpy as np
+
+    from oodlab.experiment import is_val_metric, metric_name, val_id_name
+
+    assert set(cfg.metric_names()) <= set(res.metrics)
+    assert [k for k in res.metrics if is_val_metric(k)] and [k for k in res.metrics if k.startswith("auroc_")]
+    for s in cfg.score_names():
+        for v in cfg.val_ood:
+            assert 0 <= res.metrics[metric_name("auroc", v, s, "val")] <= 1
+        assert res.metrics[val_id_name(s)] == pytest.approx(float(np.mean(res.scores["val_id"][s])))
+    assert {"id", "val_id"} <= set(res.scores) and len(res.scores["val_id"][cfg.score_names()[0]]) == cfg.test_n
+
+
 def assert_resumes_exactly(make, tmp_path: Path, params=lambda e: e.model.parameters()):
     """A method's checkpoint is complete: 1 step (train + evaluate) + save + weights_only load
     + 1 epoch gives the same weights as 2 epochs straight. ``make()`` builds a fresh Experiment."""

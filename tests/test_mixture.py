@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats as st
 import torch
-from conftest import assert_resumes_exactly
+from conftest import assert_reports_validation_and_test_metrics, assert_resumes_exactly
 from scipy import integrate
 
 from oodlab.experiment import ConfigError, load_sets
@@ -178,7 +178,7 @@ def test_trial_reports_nll_auroc_and_gap(tmp_path):
 
     assert res.metrics["auroc_mnist_nll"] == pytest.approx(roc_auc_score([0] * 20 + [1] * 20, np.r_[s_id, s_out]))
     assert res.metrics["nll_gap_mnist"] == pytest.approx(s_out.mean() - s_id.mean(), rel=1e-6)
-    assert set(cfg.metric_names()) <= set(res.metrics)
+    assert_reports_validation_and_test_metrics(cfg, res)
     exp.write_artifacts(tmp_path)
     assert (tmp_path / "nll_by_component.png").stat().st_size > 1000 and (tmp_path / "latent_axis0.png").exists()
 

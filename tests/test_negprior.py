@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_resumes_exactly
+from conftest import assert_reports_validation_and_test_metrics, assert_resumes_exactly
 
 from oodlab import data
 from oodlab.experiment import ConfigError
@@ -41,9 +41,10 @@ def test_negatives_move_to_shift_and_inliers_stay_near_zero():
 
 
 def test_trial_on_real_data_reports_finite_metrics():
-    res = run_trial(
-        dict(train_n=1000, test_n=100, epochs=1, negatives="aux", iwae_k=2, ood="mnist,omniglot", device="cpu")
-    )
+    cfg = build_config(dict(train_n=1000, test_n=100, epochs=1, negatives="aux", iwae_k=2, ood="mnist,omniglot",
+                            device="cpu"))
+    res = run_trial(cfg)
+    assert_reports_validation_and_test_metrics(cfg, res)
     for ood in ("mnist", "omniglot"):
         for score in ("bpd", "kl", "iwae"):
             v = res.metrics[f"auroc_{ood}_{score}"]

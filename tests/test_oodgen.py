@@ -5,7 +5,7 @@ problems with closed-form answers, a tiny real trial, and the study end to end."
 import numpy as np
 import pytest
 import torch
-from conftest import assert_resumes_exactly
+from conftest import assert_reports_validation_and_test_metrics, assert_resumes_exactly
 from scipy.stats import chi2
 
 from oodlab.experiment import ConfigError
@@ -306,6 +306,7 @@ def test_tiny_trial_reports_every_detector_and_resumes_exactly(tmp_path):
     cfg = dict(method="oodgen", train_n=200, test_n=40, epochs=1, cvae_epochs=1, mc_samples=2, batch_size=100,
                ood="mnist,uniform_noise", device="cpu")
     res = run_trial(cfg)
+    assert_reports_validation_and_test_metrics(build_config(cfg), res)
     names = ("n1_prob", "msp", "odin", "mahalanobis", "mc_dropout", "mutual_info", "confident")
     for ood in ("mnist", "uniform_noise"):
         for s in names:

@@ -7,7 +7,7 @@ import runpy
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_reports_validation_and_test_metrics
 from PIL import Image
 
 from oodlab import data
@@ -296,6 +296,7 @@ def test_trial_trains_once_and_scores_many(tmp_path):
     a = rose.Experiment(build_config({**base, "scores": "rose_diag,rose_ekfac,nll,ic_png"}))
     assert not list(tmp_path.glob("vae-*.pt"))  # building the trial trains nothing
     res = a.step()
+    assert_reports_validation_and_test_metrics(a.cfg, res)
     assert len(list(tmp_path.glob("vae-*.pt"))) == 1 and not list(tmp_path.glob("*.partial.pt"))
     assert a.done and res.epoch == 1
     for o in ("mnist", "omniglot"):
