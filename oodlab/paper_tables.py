@@ -129,9 +129,10 @@ def splice(text: str, key: str, block: str) -> str:
 
 
 def update(tables: list[PaperTable], root: Path = REPO, check: bool = False) -> list[str]:
-    """Write every table into its docs and README's headline table; returns the files that changed
-    (with ``check``: would change)."""
-    found = {t.key: read(t, root) for t in tables}  # each shipped study read once
+    """Write ``tables`` into their docs and README's headline table (always every paper's line, so
+    ``--only`` drops none); returns the files that changed (with ``check``: would change)."""
+    headline = [t for t in TABLES if t.headline[1]]
+    found = {t.key: read(t, root) for t in {t.key: t for t in [*tables, *headline]}.values()}  # each study once
     changed = []
     for doc in sorted({d for t in tables for d in t.docs} | {HEADLINE_DOC}):
         path = root / doc
@@ -139,7 +140,7 @@ def update(tables: list[PaperTable], root: Path = REPO, check: bool = False) -> 
         for t in (t for t in tables if doc in t.docs):
             text = splice(text, t.key, render(t, found[t.key]))
         if doc == HEADLINE_DOC:
-            text = splice(text, "headline", render_headline(tables, found))
+            text = splice(text, "headline", render_headline(headline, found))
         if text != before:
             changed.append(doc)
             if not check:
