@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,30 +16,23 @@ from ray_head import free_port
 from oodlab import stores, tracking_server
 
 
-def _in_group(pgid: int, word: bytes) -> list[int]:
-    """Processes of process group ``pgid`` with ``word`` in their command line."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and os.getpgid(int(proc.name)) == pgid and word in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
-def _server_pids(port: int) -> list[int]:
-    """The `mlflow server` processes on ``port`` (the watcher's children)."""
+def _pids(match: Callable[[list[bytes]], bool], pgid: int | None = None) -> list[int]:
+    """Processes whose argv ``match`` accepts (and, given ``pgid``, of that process group)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                if match(argv) and (pgid is None or os.getpgid(int(proc.name)) == pgid):
+                    found.append(int(proc.name))
+            except OSError:  # gone meanwhile
                 continue
-            if b"mlflow" in argv and b"server" in argv and str(port).encode() in argv:
-                found.append(int(proc.name))
     return found
+
+
+def _server_pids(port: int) -> list[int]:
+    """The `mlflow server` processes on ``port`` (the watcher's children)."""
+    return _pids(lambda argv: b"mlflow" in argv and b"server" in argv and str(port).encode() in argv)
 
 
 def test_passwords_never_leave_a_url():
@@ -66,7 +60,8 @@ def test_tracking_server_watcher_is_idempotent_and_restarts_a_dead_server(tmp_pa
         second = tracking_server_watcher(port, tmp_path / "state", *args)  # a second `ray up` runs the setup again
         assert second.wait(timeout=60) == 0 and "already runs" in second.stdout.read()
         (pid,) = {os.getpgid(p) for p in _server_pids(port)}  # one server (one process group)
-        assert not _in_group(pid, b"huey_consumer"), "MLflow's GenAI job runners are off (server_env)"
+        huey = _pids(lambda argv: any(b"huey_consumer" in a for a in argv), pgid=pid)
+        assert not huey, "MLflow's GenAI job runners are off (server_env)"
         os.killpg(pid, signal.SIGKILL)  # the server dies
         wait_for(lambda: not tracking_server.healthy("127.0.0.1", port, timeout=1), "the server is down", 30)
         wait_for(lambda: tracking_server.healthy("127.0.0.1", port), "the watcher restarts it")
