@@ -369,7 +369,7 @@ def blobs(shape: tuple[int, int, int, int], g: torch.Generator) -> torch.Tensor:
     thresholded at 0.75. Simple images like these get high likelihood under image VAEs."""
     n, c, h, w = shape
     x = torch.bernoulli(torch.full((n * c, h, w), 0.7), generator=g)
-    x = _blur_matrix(h).T @ x @ _blur_matrix(w)  # the separable blur as two matmuls: 4-5x faster than conv2d
+    x = _blur_matrix(h).T @ x @ _blur_matrix(w)  # the separable blur as two matmuls: 3.5-6x faster than conv2d
     return (x >= 0.75).to(torch.uint8).mul(255).view(n, c, h, w).contiguous()
 
 
